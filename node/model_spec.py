@@ -1,0 +1,115 @@
+"""Model metadata: the schema of ``models/<name>/<version>/model.json``.
+
+``training/train.py`` writes it, ``node/infer.py`` reads it.  Everything the node must do exactly
+as training did (window, input size, crop, slice selection, the series rule) lives here and
+nowhere else, so a new model can change them without a code change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from node.errors import ModelError
+from node.preprocess import PREPROCESSING_VERSION, Window
+
+MODEL_FILE = "model.keras"
+SPEC_FILE = "model.json"
+
+
+class WindowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    level: float = -600.0
+    width: float = Field(1500.0, gt=0)
+
+    def as_window(self) -> Window:
+        return Window(self.level, self.width)
+
+
+class SliceSelection(BaseModel):
+    """Which slices of a series are classified (HU based, see ``preprocess.lung_fraction``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_lung_fraction: float = Field(0.05, ge=0, le=1)
+    min_slices: int = Field(5, ge=1)
+
+
+class SeriesRule(BaseModel):
+    """How slice probabilities of the positive class become one series score and verdict.
+
+    ``top_k_mean``: mean of the ``k`` highest slice scores; ``fraction_above``: fraction of
+    selected slices whose score is at least ``slice_threshold``.  The series is positive when the
+    series score is at least ``series_threshold``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["top_k_mean", "fraction_above"] = "top_k_mean"
+    k: int = Field(5, ge=1)
+    slice_threshold: float = Field(0.5, ge=0, le=1)
+    series_threshold: float = Field(0.5, ge=0, le=1)
+    justification: str = ""
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+
+    name: str
+    version: str
+    classes: list[str] = Field(min_length=2)
+    positive_class: str
+    input_size: int = Field(ge=32, le=1024)
+    window: WindowSpec = WindowSpec()
+    preprocessing_version: int
+    selection: SliceSelection = SliceSelection()
+    series_rule: SeriesRule = SeriesRule()
+    threshold: float = Field(0.5, ge=0, le=1, description="slice-level operating point")
+    sha256: str = ""
+
+    @model_validator(mode="after")
+    def _positive_is_a_class(self) -> ModelSpec:
+        if self.positive_class not in self.classes:
+            raise ValueError(f"positive_class {self.positive_class!r} not in classes {self.classes}")
+        return self
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    """Read and check ``model.json``; the error names the directory and the bad field."""
+    spec_path = model_dir / SPEC_FILE
+    if not spec_path.is_file():
+        raise ModelError(f"{spec_path}: missing (a model directory needs {SPEC_FILE})")
+    if not (model_dir / MODEL_FILE).is_file():
+        raise ModelError(f"{model_dir / MODEL_FILE}: missing")
+    try:
+        spec = ModelSpec.model_validate(json.loads(spec_path.read_text()))
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{spec_path}: invalid: {exc}") from exc
+    if spec.preprocessing_version != PREPROCESSING_VERSION:
+        raise ModelError(
+            f"{spec_path}: preprocessing_version {spec.preprocessing_version} but this node "
+            f"implements {PREPROCESSING_VERSION}; retrain or update the node"
+        )
+    return spec
+
+
+def write_spec(model_dir: Path, spec: ModelSpec) -> ModelSpec:
+    """Write ``model.json`` with the sha256 of the saved Keras file filled in."""
+    digest = file_sha256(model_dir / MODEL_FILE)
+    final = spec.model_copy(update={"sha256": digest})
+    (model_dir / SPEC_FILE).write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+    return final

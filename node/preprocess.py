@@ -1,0 +1,170 @@
+"""Preprocessing stage: THE CT input transform, shared by training and by the node.
+
+Every image the model ever sees, in training or in the node, goes through this module:
+
+* DICOM CT slice -> Hounsfield units (``RescaleSlope``/``RescaleIntercept``), padding outside the
+  scan circle clipped to air, lung window, scaled to [0, 1];
+* 8-bit published slice (PNG/JPG, already windowed by its publisher) -> one grey channel scaled to
+  [0, 1];
+* then the same square resize for both.
+
+The result is a float32 ``(size, size)`` array in [0, 1].  Scaling to what the backbone expects
+(ImageNet normalisation, three channels) is part of the Keras model, so this module depends on
+numpy, pydicom and Pillow (for 8-bit image files) only.  ``PREPROCESSING_VERSION`` is written into
+every model's ``model.json``; the node refuses a model made with a different version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.errors import InvalidInstance
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = 1
+AIR_HU = -1024.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window in Hounsfield units."""
+
+    level: float = -600.0
+    width: float = 1500.0
+
+    @property
+    def low(self) -> float:
+        return self.level - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.level + self.width / 2.0
+
+
+LUNG_WINDOW = Window(-600.0, 1500.0)
+
+
+def hounsfield(ds: Dataset) -> np.ndarray:
+    """Return the slice in Hounsfield units as float32.
+
+    Values below air (the -2048/-3024 padding outside the scan circle) are clipped to -1024 HU.
+
+    Raises
+    ------
+    InvalidInstance
+        If the dataset has no pixel data or its pixel data cannot be decoded.
+    """
+    if "PixelData" not in ds:
+        raise InvalidInstance("no Pixel Data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for undecodable pixel data
+        raise InvalidInstance(f"pixel data cannot be decoded: {exc}") from exc
+    if pixels.ndim != 2:
+        raise InvalidInstance(f"expected one 2-D frame, got pixel array of shape {pixels.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    np.maximum(hu, AIR_HU, out=hu)
+    return hu
+
+
+def apply_window(hu: np.ndarray, window: Window = LUNG_WINDOW) -> np.ndarray:
+    """Map Hounsfield units to [0, 1] through ``window`` (linear, clipped)."""
+    out = (hu - np.float32(window.low)) / np.float32(window.width)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=32)
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Antialiased linear (triangle filter) resampling matrix of shape (n_out, n_in).
+
+    Same kernel as Pillow's BILINEAR: the triangle's support widens with the downscale factor, so
+    downsizing averages instead of aliasing.  Built once per size pair.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale
+    src = np.arange(n_in) + 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centres[:, None]) / support)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return weights.astype(np.float32)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2-D float image to ``(size, size)`` with two matrix products."""
+    if image.ndim != 2:
+        raise ValueError(f"resize expects a 2-D image, got shape {image.shape}")
+    rows = _resize_matrix(image.shape[0], size)
+    cols = _resize_matrix(image.shape[1], size)
+    return (rows @ image.astype(np.float32, copy=False) @ cols.T).astype(np.float32, copy=False)
+
+
+def square_pad(image: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Pad a non-square image to a square, centred, so resizing keeps the aspect ratio."""
+    h, w = image.shape
+    if h == w:
+        return image
+    n = max(h, w)
+    out = np.full((n, n), fill, dtype=np.float32)
+    top, left = (n - h) // 2, (n - w) // 2
+    out[top : top + h, left : left + w] = image
+    return out
+
+
+def windowed_to_input(windowed: np.ndarray, size: int) -> np.ndarray:
+    """Last common step of both paths: a [0, 1] grey image -> ``(size, size)`` model input."""
+    return resize(square_pad(windowed), size)
+
+
+def dicom_to_input(ds: Dataset, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+    """The node path (and training on DICOM): CT dataset -> model input."""
+    return windowed_to_input(apply_window(hounsfield(ds), window), size)
+
+
+def read_dicom(path: str | Path) -> Dataset:
+    """Read one DICOM file, tolerating a missing or partial file meta (real exports do that)."""
+    try:
+        return pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise InvalidInstance(f"{Path(path).name}: not readable as DICOM: {exc}") from exc
+
+
+def grey_image_to_unit(pixels: np.ndarray) -> np.ndarray:
+    """An 8-bit image array (H, W), (H, W, 3) or (H, W, 4) -> one grey channel in [0, 1].
+
+    RGB is converted with the ITU-R 601 luma weights; alpha is dropped.
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 3:
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    elif arr.ndim != 2:
+        raise ValueError(f"expected a 2-D or 3-D image, got shape {arr.shape}")
+    return (arr.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
+
+
+def image_file_to_input(path: str | Path, size: int) -> np.ndarray:
+    """The 8-bit path: a PNG/JPG slice (already windowed by its publisher) -> model input."""
+    from PIL import Image  # imported here so the node's DICOM path does not need it loaded
+
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("L") if img.mode not in ("L", "RGB", "RGBA") else img)
+    return windowed_to_input(grey_image_to_unit(arr), size)
+
+
+def lung_fraction(hu: np.ndarray) -> float:
+    """Fraction of the slice's pixels that look like lung parenchyma (-950..-400 HU).
+
+    Used to pick the slices worth classifying: slices above the apex or below the bases have
+    almost none.  Outside-of-body air is below -950 after clipping and does not count.
+    """
+    lung = (hu > -950.0) & (hu < -400.0)
+    return float(lung.mean())

@@ -1,0 +1,68 @@
+"""Analysis results: the in-memory records passed from inference to the report and the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """One classified slice: its SOP Instance UID, position along the body axis, class scores."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    z: float
+    probabilities: tuple[float, ...]
+    positive_score: float
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """The outcome of one analysis of one series version.
+
+    ``analysed`` is False when the series could not be analysed; ``reason`` then says why and the
+    report says "not analysed" with that reason.  ``finding`` is one of ``classes`` when analysed.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    series_version: int
+    algorithm: AlgorithmInfo
+    analysed: bool
+    classes: tuple[str, ...] = ()
+    finding: str | None = None
+    probabilities: tuple[float, ...] = ()
+    series_score: float | None = None
+    rule: str = ""
+    slices_total: int = 0
+    slices_analysed: int = 0
+    top_slices: tuple[SliceScore, ...] = field(default_factory=tuple)
+    reason: str = ""
+
+    def as_json(self) -> dict[str, object]:
+        """Plain dict for ``classify`` output, the database and logs (no patient data in here)."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "series_version": self.series_version,
+            "analysed": self.analysed,
+            "finding": self.finding,
+            "probabilities": dict(zip(self.classes, self.probabilities, strict=True)),
+            "series_score": self.series_score,
+            "rule": self.rule,
+            "slices_total": self.slices_total,
+            "slices_analysed": self.slices_analysed,
+            "top_slices": [
+                {"sop_instance_uid": s.sop_instance_uid, "z": s.z, "score": s.positive_score}
+                for s in self.top_slices
+            ],
+            "reason": self.reason,
+            "model": {"name": self.algorithm.name, "version": self.algorithm.version},
+        }
