@@ -125,9 +125,14 @@ def windowed_to_input(windowed: np.ndarray, size: int) -> np.ndarray:
     return resize(square_pad(windowed), size)
 
 
+def hu_to_input(hu: np.ndarray, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+    """A slice in Hounsfield units -> model input (the node calls this after slice selection)."""
+    return windowed_to_input(apply_window(hu, window), size)
+
+
 def dicom_to_input(ds: Dataset, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
-    """The node path (and training on DICOM): CT dataset -> model input."""
-    return windowed_to_input(apply_window(hounsfield(ds), window), size)
+    """The DICOM path used by training and by the node: CT dataset -> model input."""
+    return hu_to_input(hounsfield(ds), size, window)
 
 
 def read_dicom(path: str | Path) -> Dataset:
