@@ -1,0 +1,227 @@
+"""Configuration stage: ``config.yaml`` -> validated, typed settings.
+
+Every setting has its default here, on the model.  Unknown keys are errors (``extra="forbid"``), so
+a misspelt key stops start-up with a message naming the key and its value.  No other module reads
+the YAML file or the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from node.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash")
+    return stripped
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+Regex = Annotated[str, AfterValidator(_check_regex)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Strict):
+    ae_title: AETitle = "TRIAGE"
+    bind_address: str = "127.0.0.1"
+    port: Port = 11112
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    network_timeout_s: float = Field(60.0, gt=0)
+    require_called_ae: bool = True
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class AllowedCaller(_Strict):
+    ae_title: AETitle
+    host: str | None = Field(None, description="IP address the caller must connect from")
+
+
+class SecuritySettings(_Strict):
+    allow_any_caller: bool = Field(False, description="lab use only: accept every calling AE")
+    allowed_callers: list[AllowedCaller] = []
+
+
+class Peer(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str
+    port: Port
+    retrieve: Literal["get", "move", "none"] = Field(
+        "get", description="how to pull studies from this peer: C-GET, C-MOVE to our AE, or never"
+    )
+
+
+class RetrySettings(_Strict):
+    max_attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(10.0, gt=0)
+    max_backoff_s: float = Field(1800.0, gt=0)
+
+
+class ResultSettings(_Strict):
+    send_to: str | None = Field("pacs", description="peer name that receives the SR; null = none")
+    outbox_dir: Path | None = Field(None, description="also write each SR here")
+    series_number: int = Field(9901, ge=1)
+    retry: RetrySettings = RetrySettings()
+
+
+class StorageSettings(_Strict):
+    spool_dir: Path = Path("var/spool")
+    database_url: str = "sqlite:///var/triage.sqlite3"
+    retention_days: float = Field(7.0, gt=0, description="delete spooled instances after this")
+
+
+class SelectionSettings(_Strict):
+    """Which complete series are ours to analyse; anything else is recorded as rejected."""
+
+    modalities: list[str] = ["CT"]
+    description_pattern: Regex = r"(?i)t[oó]rax|thor|chest|lung|pulm"
+    exclude_series_pattern: Regex = r"(?i)scout|topogram|localizer|dose|screen\s*save|mip\b"
+    accept_missing_descriptions: bool = True
+    exclude_image_types: list[str] = ["LOCALIZER"]
+    min_instances: int = Field(10, ge=1)
+
+
+class AnalysisSettings(_Strict):
+    """Checks a selected series must pass to be analysed; a failure gives a 'not analysed' SR."""
+
+    require_axial: bool = True
+    max_gap_factor: float = Field(1.6, gt=1, description="largest allowed gap / median spacing")
+    batch_size: int = Field(16, ge=1)
+
+
+class CatchUpSettings(_Strict):
+    enabled: bool = False
+    peer: str | None = None
+    interval_s: float = Field(300.0, gt=0)
+    lookback_hours: float = Field(24.0, gt=0)
+
+
+class WebSettings(_Strict):
+    enabled: bool = False
+
+
+class Settings(_Strict):
+    node: NodeSettings = NodeSettings()
+    security: SecuritySettings = SecuritySettings()
+    peers: list[Peer] = []
+    results: ResultSettings = ResultSettings()
+    storage: StorageSettings = StorageSettings()
+    series_quiet_seconds: float = Field(10.0, gt=0)
+    selection: SelectionSettings = SelectionSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    model_dir: Path = Path("models/covid-ct/current")
+    catch_up: CatchUpSettings = CatchUpSettings()
+    scheduler_tick_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _peer_refs(self) -> Settings:
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"peers: duplicate names in {names}")
+        if self.results.send_to is not None and self.results.send_to not in names:
+            raise ValueError(f"results.send_to: {self.results.send_to!r} is not a peer ({names})")
+        if self.catch_up.enabled and self.catch_up.peer not in names:
+            raise ValueError(f"catch_up.peer: {self.catch_up.peer!r} is not a peer ({names})")
+        return self
+
+    def peer(self, name: str) -> Peer:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        raise ConfigError(f"no peer named {name!r} (configured: {[p.name for p in self.peers]})")
+
+    def resolve(self, base: Path) -> Settings:
+        """Make relative paths (spool, model, outbox, sqlite file) relative to ``base``."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p)
+
+        storage = self.storage.model_copy(update={"spool_dir": fix(self.storage.spool_dir)})
+        url = self.storage.database_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url[len("sqlite:///") :]
+            if rel and rel != ":memory:":
+                storage = storage.model_copy(update={"database_url": f"sqlite:///{fix(Path(rel))}"})
+        results = self.results
+        if results.outbox_dir is not None:
+            results = results.model_copy(update={"outbox_dir": fix(results.outbox_dir)})
+        return self.model_copy(
+            update={"storage": storage, "results": results, "model_dir": fix(self.model_dir)}
+        )
+
+
+def _describe(error: dict[str, object]) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"  # type: ignore[attr-defined]
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{loc} = {shown}: {error['msg']}"
+
+
+def load_settings(path: Path, overrides: dict[str, object] | None = None) -> Settings:
+    """Read and validate ``path``; relative paths in it are relative to the file's folder.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, each naming the key (dotted path) and the bad value.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        target = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]  # type: ignore[arg-type]
+        raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return settings.resolve(path.resolve().parent)

@@ -1,0 +1,155 @@
+"""Inference stage: load the Keras model once, score slices, reduce them to a series verdict.
+
+What to do with the slices (window, input size, which slices, the series rule) comes from the
+model's ``model.json`` (``node.model_spec``), never from constants here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node import preprocess
+from node.errors import InferenceFailed, ModelError, SeriesRejected
+from node.model_spec import MODEL_FILE, ModelSpec, SeriesRule, file_sha256, load_spec
+from node.series_check import SliceRef
+from node.verdict import AlgorithmInfo, SliceScore
+
+logger = logging.getLogger(__name__)
+
+TOP_SLICES_REPORTED = 5
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    keras_model: Any
+    directory: Path
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return AlgorithmInfo(self.spec.name, self.spec.version, self.spec.sha256)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a ``(N, size, size)`` batch of preprocessed slices."""
+        if batch.size == 0:
+            return np.zeros((0, len(self.spec.classes)), np.float32)
+        x = batch[..., np.newaxis].astype(np.float32, copy=False)
+        try:
+            out = self.keras_model(x, training=False)
+        except Exception as exc:
+            raise InferenceFailed(f"model call failed: {exc}") from exc
+        return np.asarray(out, dtype=np.float32)
+
+
+def load_model(model_dir: Path, *, verify_hash: bool = True) -> LoadedModel:
+    """Load ``model.keras`` + ``model.json``; refuse a file whose sha256 differs from the spec."""
+    spec = load_spec(model_dir)
+    if verify_hash and spec.sha256:
+        actual = file_sha256(model_dir / MODEL_FILE)
+        if actual != spec.sha256:
+            raise ModelError(
+                f"{model_dir / MODEL_FILE}: sha256 {actual[:12]}... differs from model.json "
+                f"{spec.sha256[:12]}... (corrupted or replaced)"
+            )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras  # heavy import: only when a model is actually loaded
+
+    try:
+        model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    except Exception as exc:
+        raise ModelError(f"{model_dir / MODEL_FILE}: cannot load: {exc}") from exc
+    expected = (None, spec.input_size, spec.input_size, 1)
+    if tuple(model.input_shape) != expected:
+        raise ModelError(f"model input shape {model.input_shape} differs from model.json {expected}")
+    logger.info("model %s %s loaded from %s", spec.name, spec.version, model_dir)
+    return LoadedModel(spec, model, model_dir)
+
+
+def score_slices(
+    model: LoadedModel, slices: list[SliceRef], batch_size: int
+) -> tuple[list[SliceScore], int]:
+    """Select slices with lung, preprocess them as training did, and classify them in batches.
+
+    Returns the scores of the selected slices (body-axis order) and the number of slices read.
+    """
+    spec = model.spec
+    window = spec.window.as_window()
+    selected: list[SliceRef] = []
+    inputs: list[np.ndarray] = []
+    for ref in slices:
+        ds = preprocess.read_dicom(ref.path)
+        try:
+            hu = preprocess.hounsfield(ds)
+        except Exception as exc:
+            raise SeriesRejected(f"slice {ref.sop_instance_uid}: {exc}") from exc
+        if preprocess.lung_fraction(hu) < spec.selection.min_lung_fraction:
+            continue
+        selected.append(ref)
+        inputs.append(preprocess.hu_to_input(hu, spec.input_size, window))
+    if len(selected) < spec.selection.min_slices:
+        raise SeriesRejected(
+            f"only {len(selected)} of {len(slices)} slices contain enough lung "
+            f"(at least {spec.selection.min_slices} needed): not a chest CT covering the lungs?"
+        )
+    probabilities = np.concatenate(
+        [
+            model.predict(np.stack(inputs[i : i + batch_size]))
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
+    pos = spec.positive_index
+    scores = [
+        SliceScore(
+            sop_instance_uid=ref.sop_instance_uid,
+            sop_class_uid=ref.sop_class_uid,
+            z=ref.z,
+            probabilities=tuple(float(p) for p in probs),
+            positive_score=float(probs[pos]),
+        )
+        for ref, probs in zip(selected, probabilities, strict=True)
+    ]
+    return scores, len(slices)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    finding: str
+    probabilities: tuple[float, ...]
+    series_score: float
+    rule: str
+    top_slices: tuple[SliceScore, ...]
+
+
+def reduce_scores(spec: ModelSpec, scores: list[SliceScore]) -> Reduction:
+    """Slice scores -> series verdict, by the rule in the model's metadata."""
+    rule: SeriesRule = spec.series_rule
+    ranked = sorted(scores, key=lambda s: s.positive_score, reverse=True)
+    positive = np.array([s.positive_score for s in scores], dtype=np.float64)
+    all_probs = np.array([s.probabilities for s in scores], dtype=np.float64)
+    if rule.kind == "top_k_mean":
+        k = min(rule.k, len(ranked))
+        series_score = float(np.mean([s.positive_score for s in ranked[:k]]))
+        series_probs = np.mean([s.probabilities for s in ranked[:k]], axis=0)
+        text = f"mean of the top {k} slice scores"
+    else:
+        series_score = float(np.mean(positive >= rule.slice_threshold))
+        series_probs = all_probs.mean(axis=0)
+        text = f"fraction of lung slices with score >= {rule.slice_threshold:g}"
+    if series_score >= rule.series_threshold:
+        finding = spec.positive_class
+    else:
+        others = [i for i in range(len(spec.classes)) if i != spec.positive_index]
+        finding = spec.classes[max(others, key=lambda i: series_probs[i])]
+    return Reduction(
+        finding=finding,
+        probabilities=tuple(float(p) for p in series_probs),
+        series_score=series_score,
+        rule=f"{text} >= {rule.series_threshold:g}",
+        top_slices=tuple(ranked[:TOP_SLICES_REPORTED]),
+    )

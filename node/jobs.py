@@ -1,0 +1,159 @@
+"""Queue stage: the ``jobs`` table is the queue.
+
+``queued -> running -> done | failed``.  A job has two stages: ``analyse`` (runs once per series
+version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the SR;
+retried with exponential backoff, then dead-lettered as ``failed`` with the reason).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from node.config import RetrySettings
+from node.db import Job, JobStage, JobState, Series, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    stage: str
+    attempts: int
+    series_id: int
+    series_version: int
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def claim_next(sessions: sessionmaker[Any]) -> ClaimedJob | None:
+    """Atomically move the next due job to ``running`` and return it (None if nothing is due).
+
+    The conditional UPDATE (``WHERE state = 'queued'``) is the claim: if two workers race, only
+    one sees a row count of 1.
+    """
+    now = utcnow()
+    with sessions.begin() as session:
+        candidates = session.execute(
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.next_attempt_at <= now)
+            .order_by(Job.next_attempt_at, Job.id)
+            .limit(5)
+        ).scalars()
+        for job_id in candidates:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.RUNNING, started_at=now, attempts=Job.attempts + 1)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                job = session.get(Job, job_id)
+                assert job is not None
+                series = session.get(Series, job.series_id)
+                assert series is not None
+                return ClaimedJob(
+                    job_id=job.id,
+                    stage=job.stage,
+                    attempts=job.attempts,
+                    series_id=series.id,
+                    series_version=job.series_version,
+                    study_instance_uid=series.study_instance_uid,
+                    series_instance_uid=series.series_instance_uid,
+                )
+    return None
+
+
+def update_job(sessions: sessionmaker[Any], job_id: int, **values: Any) -> None:
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def analysed(sessions: sessionmaker[Any], job_id: int, **results: Any) -> None:
+    """Analysis finished (verdict or not-analysed): the job moves on to delivery now."""
+    update_job(
+        sessions,
+        job_id,
+        state=JobState.QUEUED,
+        stage=JobStage.DELIVER,
+        attempts=0,
+        next_attempt_at=utcnow(),
+        last_error="",
+        **results,
+    )
+
+
+def delivered(sessions: sessionmaker[Any], job_id: int) -> None:
+    now = utcnow()
+    update_job(
+        sessions, job_id, state=JobState.DONE, finished_at=now, delivered_at=now, last_error=""
+    )
+
+
+def finished_without_delivery(sessions: sessionmaker[Any], job_id: int) -> None:
+    update_job(sessions, job_id, state=JobState.DONE, finished_at=utcnow(), last_error="")
+
+
+def backoff(attempts: int, retry: RetrySettings) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1-based): doubling, capped."""
+    return float(min(retry.max_backoff_s, retry.initial_backoff_s * 2 ** max(0, attempts - 1)))
+
+
+def delivery_failed(
+    sessions: sessionmaker[Any], job: ClaimedJob, error: str, retry: RetrySettings
+) -> str:
+    """Schedule a retry with backoff, or dead-letter after ``max_attempts``; return the state."""
+    if job.attempts >= retry.max_attempts:
+        update_job(
+            sessions,
+            job.job_id,
+            state=JobState.FAILED,
+            finished_at=utcnow(),
+            last_error=f"delivery failed {job.attempts} times, last: {error}",
+        )
+        return JobState.FAILED
+    delay = backoff(job.attempts, retry)
+    update_job(
+        sessions,
+        job.job_id,
+        state=JobState.QUEUED,
+        next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
+        last_error=f"attempt {job.attempts}: {error} (next try in {delay:.0f} s)",
+    )
+    return JobState.QUEUED
+
+
+def failed(sessions: sessionmaker[Any], job_id: int, error: str) -> None:
+    update_job(
+        sessions, job_id, state=JobState.FAILED, finished_at=utcnow(), last_error=error[:2000]
+    )
+
+
+def requeue_interrupted(sessions: sessionmaker[Any]) -> int:
+    """At start-up: jobs left ``running`` by a crash go back to ``queued``."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, next_attempt_at=utcnow())
+        )
+        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if count:
+        logger.info("requeued %d job(s) interrupted by a restart", count)
+    return count
+
+
+def retry(sessions: sessionmaker[Any], job_id: int) -> bool:
+    """Requeue a failed (dead-lettered) job at its current stage.  False if not failed."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.FAILED)
+            .values(state=JobState.QUEUED, attempts=0, next_attempt_at=utcnow(), finished_at=None)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,236 @@
+"""Receive stage: the Storage SCP.  ``handle_store`` spools, records, and only then answers.
+
+No analysis happens here.  Every failure becomes a DICOM status so the sender keeps the instance
+and retries; a handler never raises.  Callers not on the allow-list are rejected at association
+time, before any data is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import sessionmaker
+
+from node.config import Settings
+from node.errors import InvalidInstance
+from node.spool import Spool, check_uid
+from node.tracking import InstanceHeader, record_instance
+
+logger = logging.getLogger(__name__)
+
+# DICOM status codes (PS3.4 B.2.3 / PS3.7 C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0x0110
+
+STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+NATIVE_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+)
+COMPRESSED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def parse_instance(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+    """Parse and check a received instance (file meta + dataset bytes).
+
+    Raises
+    ------
+    InvalidInstance
+        Unreadable or truncated data, malformed UIDs, or UIDs that contradict the request.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        header = InstanceHeader(
+            study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+            sop_class_uid=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+            transfer_syntax_uid=ts,
+            modality=str(ds.get("Modality", "") or ""),
+            study_date=str(ds.get("StudyDate", "") or "")[:8],
+            study_description=str(ds.get("StudyDescription", "") or "")[:64],
+            series_description=str(ds.get("SeriesDescription", "") or "")[:64],
+            body_part=str(ds.get("BodyPartExamined", "") or "")[:16],
+            image_type="\\".join(str(v) for v in (ds.get("ImageType") or []))[:128],
+        )
+    except InvalidInstance:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed data
+        raise InvalidInstance(f"dataset cannot be parsed: {exc}") from exc
+    if header.sop_instance_uid != sop_instance_uid:
+        raise InvalidInstance(
+            f"SOPInstanceUID {header.sop_instance_uid} differs from the request's "
+            f"AffectedSOPInstanceUID {sop_instance_uid}"
+        )
+    if header.sop_class_uid != sop_class_uid:
+        raise InvalidInstance(
+            f"SOPClassUID {header.sop_class_uid} differs from AffectedSOPClassUID {sop_class_uid}"
+        )
+    _check_pixel_data(ds, data, UID(header.transfer_syntax_uid))
+    return header
+
+
+def _check_pixel_data(ds: Dataset, data: bytes, ts: UID) -> None:
+    """Refuse truncated pixel data, which pydicom reads without complaint."""
+    if "PixelData" not in ds:
+        raise InvalidInstance("no Pixel Data")
+    if ts.is_encapsulated:
+        if data.rfind(_SEQUENCE_DELIMITER) < data.rfind(_PIXEL_DATA_TAG):
+            raise InvalidInstance("encapsulated Pixel Data has no sequence delimiter (truncated)")
+        return
+    try:
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1))
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * ((int(ds.BitsAllocated) + 7) // 8)
+        )
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise InvalidInstance(f"image pixel module incomplete: {exc}") from exc
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise InvalidInstance(f"Pixel Data has {actual} bytes, expected {expected} (truncated)")
+
+
+def handle_store(
+    event: Event, spool: Spool, sessions: sessionmaker[Any], counters: dict[str, int]
+) -> int:
+    """Write the instance to the spool, record it, and answer.  Never raises."""
+    request = event.request
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    calling_host = str(event.assoc.requestor.address)
+    sop_uid = str(request.AffectedSOPInstanceUID or "")
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        header = parse_instance(data, str(request.AffectedSOPClassUID or ""), sop_uid)
+    except InvalidInstance as exc:
+        logger.warning("refused instance %s from %s: %s", sop_uid[:64], calling_ae, exc)
+        counters["refused"] = counters.get("refused", 0) + 1
+        return CANNOT_UNDERSTAND
+    except Exception:
+        logger.exception("unexpected error parsing instance %s", sop_uid[:64])
+        return CANNOT_UNDERSTAND
+    try:
+        path = spool.write(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+        )
+    except OSError as exc:
+        logger.error("spool write failed for %s: %s", sop_uid, exc)
+        return OUT_OF_RESOURCES
+    try:
+        recorded = record_instance(sessions, header, str(path), len(data), calling_ae, calling_host)
+    except Exception as exc:  # database busy/locked/full: the sender must retry
+        logger.error("database write failed for %s: %s", sop_uid, exc)
+        return OUT_OF_RESOURCES
+    counters["stored"] = counters.get("stored", 0) + (0 if recorded.duplicate else 1)
+    counters["duplicates"] = counters.get("duplicates", 0) + (1 if recorded.duplicate else 0)
+    logger.debug(
+        "stored %s series %s v%d%s",
+        sop_uid,
+        header.series_instance_uid,
+        recorded.version,
+        " (duplicate)" if recorded.duplicate else "",
+    )
+    return SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    return SUCCESS
+
+
+def handle_requested(event: Event, settings: Settings) -> None:
+    """Reject callers not on the allow-list (AE title and, where configured, host)."""
+    if settings.security.allow_any_caller:
+        return
+    assoc = event.assoc
+    calling = assoc.requestor.primitive.calling_ae_title.strip()
+    host = str(assoc.requestor.address)
+    for allowed in settings.security.allowed_callers:
+        if allowed.ae_title == calling and (allowed.host is None or allowed.host == host):
+            return
+    logger.warning("rejected association from AE %r at %s: not on the allow-list", calling, host)
+    # rejected-permanent, service-user, calling-AE-title-not-recognised
+    assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+
+def handle_connection(event: Event) -> None:
+    """Disable Nagle on accepted sockets (see PEERS.md: 10x on loopback)."""
+    sock = event.assoc.dul.socket
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def make_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_associations = settings.node.max_associations
+    ae.maximum_pdu_size = settings.node.max_pdu_size
+    ae.network_timeout = settings.node.network_timeout_s
+    ae.require_called_aet = settings.node.require_called_ae
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def start_receiver(
+    settings: Settings, spool: Spool, sessions: sessionmaker[Any], counters: dict[str, int]
+) -> ThreadedAssociationServer:
+    """Start the Storage SCP in background threads and return the server."""
+    ae = make_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [spool, sessions, counters]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_CONN_OPEN, handle_connection),
+    ]
+    server = ae.start_server(
+        (settings.node.bind_address, settings.node.port), block=False, evt_handlers=handlers
+    )
+    logger.info(
+        "listening as %s on %s:%d",
+        settings.node.ae_title,
+        settings.node.bind_address,
+        settings.node.port,
+    )
+    return server  # type: ignore[return-value]
