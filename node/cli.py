@@ -1,0 +1,176 @@
+"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from node import __version__
+from node.config import Settings, load_settings
+from node.errors import ConfigError, NodeError
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    quiet = logging.INFO if debug else logging.WARNING
+    for name in ("pynetdicom", "apscheduler", "tensorflow", "absl", "h5py", "PIL", "highdicom"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "port", None):
+        overrides["node.port"] = args.port
+    if getattr(args, "ae_title", None):
+        overrides["node.ae_title"] = args.ae_title
+    return load_settings(Path(args.config), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import serve
+
+    settings = _settings(args)
+    logger.info("triage-node %s, effective settings: %s", __version__, settings.model_dump_json())
+    serve(settings)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from node.model_spec import load_spec
+
+    spec = load_spec(settings.model_dir)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    print(f"config OK; model {spec.name} {spec.version} classes {spec.classes}", file=sys.stderr)
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    settings = _settings(args)
+    peer = settings.peer(args.peer)
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        print(f"echo {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): association failed")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status is not None and "Status" in status else -1
+    print(f"echo {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): status 0x{code:04X}")
+    return 0 if code == 0 else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.status import collect_status, format_status
+
+    settings = _settings(args)
+    report = collect_status(settings, limit=args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_status(report, now=dt.datetime.now(dt.UTC).replace(tzinfo=None)))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from node import jobs
+    from node.service import open_state
+
+    sessions, _ = open_state(_settings(args))
+    if jobs.retry(sessions, args.job):
+        print(f"job {args.job} requeued")
+        return 0
+    print(f"job {args.job} is not failed (only dead-lettered jobs can be retried)")
+    return 1
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from node.classify import classify_paths
+
+    settings = _settings(args)
+    model_dir = Path(args.model) if args.model else settings.model_dir
+    results = classify_paths(
+        [Path(p) for p in args.paths], settings, model_dir, sr_dir=args.sr_out
+    )
+    for result in results:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from node.pull import pull_study
+
+    settings = _settings(args)
+    count = pull_study(settings, study_uid=args.study, accession=args.accession, peer_name=args.peer)
+    print(f"retrieved {count} instance(s)")
+    return 0 if count > 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triage-node", description=__doc__)
+    parser.add_argument("--config", default="config.yaml", help="path to config.yaml")
+    parser.add_argument("--debug", action="store_true", help="verbose logs incl. pynetdicom")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="receive, analyse and report (runs until stopped)")
+    p.add_argument("--port", type=int, help="override node.port")
+    p.add_argument("--ae-title", help="override node.ae_title")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="series and jobs with states, counts and ages")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("echo", help="C-ECHO a configured peer")
+    p.add_argument("peer")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("check-config", help="validate config.yaml and the model, print settings")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("retry", help="requeue a failed (dead-lettered) job")
+    p.add_argument("job", type=int)
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("classify", help="offline analysis of DICOM files/folders; JSON per series")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--model", help="model directory (default: model_dir from config)")
+    p.add_argument("--sr-out", type=Path, help="write each series' SR into this folder")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("pull", help="C-FIND + C-GET (or C-MOVE) a study from a peer")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--study", help="Study Instance UID")
+    g.add_argument("--accession", help="Accession Number")
+    p.add_argument("--peer", help="peer name (default: the results peer)")
+    p.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.debug)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

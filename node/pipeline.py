@@ -1,0 +1,211 @@
+"""Pipeline stage: ``run_job`` reads top to bottom, one call per step.
+
+analyse (check -> select lung slices -> preprocess -> infer -> reduce) -> report -> send -> record.
+A series that cannot be analysed still gets an SR that says why; only delivery is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from node import jobs
+from node.config import Settings
+from node.db import Instance, Job, JobStage, JobState
+from node.errors import InferenceFailed, NodeError, SendFailed, SeriesRejected
+from node.infer import LoadedModel, reduce_scores, score_slices
+from node.report import PredecessorRef, build_report, result_uids, write_report
+from node.send import store_files
+from node.series_check import order_and_check, read_headers
+from node.spool import Spool
+from node.verdict import SeriesVerdict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a worker needs, built once per process."""
+
+    settings: Settings
+    sessions: sessionmaker[Any]
+    spool: Spool
+    model: LoadedModel
+
+
+def analyse_files(
+    paths: list[Path], model: LoadedModel, settings: Settings, *, series_version: int = 1
+) -> tuple[SeriesVerdict, list[pydicom.Dataset]]:
+    """Analyse one series from files; never raises for a bad series (verdict says why).
+
+    Returns the verdict and the headers of the series' slices (the SR's evidence).
+    """
+    headers = read_headers(paths)
+    evidence = [ds for _, ds in headers]
+    first = evidence[0] if evidence else pydicom.Dataset()
+    base: dict[str, Any] = {
+        "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
+        "series_version": series_version,
+        "algorithm": model.algorithm,
+        "classes": tuple(model.spec.classes),
+        "slices_total": len(paths),
+    }
+    try:
+        slices = order_and_check(
+            headers,
+            require_axial=settings.analysis.require_axial,
+            max_gap_factor=settings.analysis.max_gap_factor,
+        )
+        scores, _ = score_slices(model, slices, settings.analysis.batch_size)
+        reduction = reduce_scores(model.spec, scores)
+    except (SeriesRejected, InferenceFailed) as exc:
+        return SeriesVerdict(analysed=False, reason=str(exc), **base), evidence
+    verdict = SeriesVerdict(
+        analysed=True,
+        finding=reduction.finding,
+        probabilities=reduction.probabilities,
+        series_score=reduction.series_score,
+        rule=reduction.rule,
+        slices_analysed=len(scores),
+        top_slices=reduction.top_slices,
+        **base,
+    )
+    return verdict, evidence
+
+
+def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
+    """Run one claimed job to its next state; return that state.  Never raises."""
+    try:
+        if job.stage == JobStage.ANALYSE:
+            sr_path = analyse_and_report(job, ctx)
+            job = jobs.ClaimedJob(**{**job.__dict__, "stage": JobStage.DELIVER, "attempts": 1})
+        else:
+            sr_path = Path(_job_row(ctx, job.job_id).sr_path)
+        return deliver(job, sr_path, ctx)
+    except Exception as exc:  # the one place that catches everything: record it, never crash
+        logger.exception("job %d series %s failed", job.job_id, job.series_instance_uid)
+        jobs.failed(ctx.sessions, job.job_id, f"{type(exc).__name__}: {exc}")
+        return JobState.FAILED
+
+
+def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
+    """Analyse the series version of ``job``, write its SR, and record the verdict."""
+    started = time.perf_counter()
+    paths = _series_paths(ctx, job.series_id)
+    verdict, evidence = analyse_files(
+        paths, ctx.model, ctx.settings, series_version=job.series_version
+    )
+    sr = build_report(
+        verdict,
+        evidence,
+        predecessor=_predecessor(ctx, job),
+        series_number=ctx.settings.results.series_number,
+    )
+    sr_path = ctx.spool.results / f"{sr.SOPInstanceUID}.dcm"
+    write_report(sr, sr_path)
+    if ctx.settings.results.outbox_dir is not None:
+        ctx.settings.results.outbox_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sr_path, ctx.settings.results.outbox_dir / sr_path.name)
+    elapsed = time.perf_counter() - started
+    jobs.analysed(
+        ctx.sessions,
+        job.job_id,
+        analysed=int(verdict.analysed),
+        finding=verdict.finding or "not analysed",
+        series_score=verdict.series_score,
+        verdict_json=json.dumps(verdict.as_json()),
+        model_name=ctx.model.spec.name,
+        model_version=ctx.model.spec.version,
+        sr_series_uid=str(sr.SeriesInstanceUID),
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        sr_path=str(sr_path),
+        analysis_s=elapsed,
+    )
+    logger.info(
+        "job %d series %s v%d: %s (%s) in %.1f s, %d/%d slices, SR %s",
+        job.job_id,
+        job.series_instance_uid,
+        job.series_version,
+        verdict.finding if verdict.analysed else "not analysed",
+        f"score {verdict.series_score:.3f}" if verdict.analysed else verdict.reason,
+        elapsed,
+        verdict.slices_analysed,
+        verdict.slices_total,
+        sr.SOPInstanceUID,
+    )
+    return sr_path
+
+
+def deliver(job: jobs.ClaimedJob, sr_path: Path, ctx: Context) -> str:
+    """Send the SR to the configured peer; retry with backoff on failure."""
+    target = ctx.settings.results.send_to
+    if target is None:
+        jobs.finished_without_delivery(ctx.sessions, job.job_id)
+        return JobState.DONE
+    try:
+        store_files([sr_path], ctx.settings.peer(target), ctx.settings.node.ae_title)
+    except (SendFailed, NodeError, OSError) as exc:
+        state = jobs.delivery_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
+        logger.warning(
+            "job %d series %s: delivery to %s failed (attempt %d, now %s): %s",
+            job.job_id,
+            job.series_instance_uid,
+            target,
+            job.attempts,
+            state,
+            exc,
+        )
+        return state
+    jobs.delivered(ctx.sessions, job.job_id)
+    logger.info("job %d series %s: SR delivered to %s", job.job_id, job.series_instance_uid, target)
+    return JobState.DONE
+
+
+def _job_row(ctx: Context, job_id: int) -> Job:
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _series_paths(ctx: Context, series_id: int) -> list[Path]:
+    with ctx.sessions() as session:
+        rows = session.scalars(
+            select(Instance.path).where(Instance.series_id == series_id, Instance.purged == 0)
+        ).all()
+    return [Path(p) for p in rows]
+
+
+def _predecessor(ctx: Context, job: jobs.ClaimedJob) -> PredecessorRef | None:
+    """The SR of the latest earlier version of this series, if one was made."""
+    with ctx.sessions() as session:
+        previous = session.scalars(
+            select(Job)
+            .where(
+                Job.series_id == job.series_id,
+                Job.series_version < job.series_version,
+                Job.sr_sop_instance_uid != "",
+            )
+            .order_by(Job.series_version.desc())
+        ).first()
+    if previous is None:
+        return None
+    return PredecessorRef(
+        sop_instance_uid=previous.sr_sop_instance_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+        series_instance_uid=previous.sr_series_uid,
+        study_instance_uid=job.study_instance_uid,
+    )
+
+
+__all__ = ["Context", "analyse_files", "result_uids", "run_job"]

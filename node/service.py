@@ -1,0 +1,76 @@
+"""Service: wire settings, database, spool, model, receiver and scheduler into one process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node import jobs
+from node.config import Settings
+from node.db import make_engine, make_sessionmaker
+from node.infer import load_model
+from node.pipeline import Context
+from node.receive import start_receiver
+from node.schedule import make_scheduler
+from node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    ctx: Context
+    server: ThreadedAssociationServer
+    scheduler: BackgroundScheduler
+    counters: dict[str, int]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.scheduler.shutdown(wait=True)
+        logger.info("stopped")
+
+
+def open_state(settings: Settings) -> tuple[Any, Spool]:
+    """Database sessions and spool; creates both if needed."""
+    engine = make_engine(settings.storage.database_url)
+    return make_sessionmaker(engine), Spool(settings.storage.spool_dir)
+
+
+def start(settings: Settings) -> Running:
+    """Start receiving and working; returns at once (everything runs in background threads)."""
+    sessions, spool = open_state(settings)
+    model = load_model(settings.model_dir)
+    ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
+    jobs.requeue_interrupted(sessions)
+    counters: dict[str, int] = {}
+    extra = []
+    if settings.catch_up.enabled:
+        from node.pull import catch_up
+
+        extra.append((lambda: catch_up(ctx), settings.catch_up.interval_s))
+    scheduler = make_scheduler(ctx, extra)
+    server = start_receiver(settings, spool, sessions, counters)
+    scheduler.start()
+    return Running(ctx, server, scheduler, counters)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    running = start(settings)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    logger.info("ready")
+    stop.wait()
+    running.stop()
