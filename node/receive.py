@@ -13,6 +13,7 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -31,6 +32,10 @@ from node.spool import Spool, check_uid
 from node.tracking import InstanceHeader, record_instance
 
 logger = logging.getLogger(__name__)
+
+# The node validates what it relies on (UIDs, pixel data) itself and answers with a status; pydicom's
+# per-value warnings on read would only add noise (and break a handler under warnings-as-errors).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # DICOM status codes (PS3.4 B.2.3 / PS3.7 C)
 SUCCESS = 0x0000
@@ -186,8 +191,11 @@ def handle_requested(event: Event, settings: Settings) -> None:
         if allowed.ae_title == calling and (allowed.host is None or allowed.host == host):
             return
     logger.warning("rejected association from AE %r at %s: not on the allow-list", calling, host)
-    # rejected-permanent, service-user, calling-AE-title-not-recognised
+    # rejected-permanent, service-user, calling-AE-title-not-recognised.  As pynetdicom's own
+    # checks do: queue the A-ASSOCIATE-RJ, then kill(), which waits until the DUL has sent it.
     assoc.acse.send_reject(0x01, 0x01, 0x03)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
 
 
 def handle_connection(event: Event) -> None:

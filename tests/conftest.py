@@ -27,3 +27,14 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
     yield factory
     for orthanc in reversed(started):
         orthanc.cleanup()
+
+
+# --- node fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny deterministic 2-class Keras model with a valid model.json (input 32 px)."""
+    from tests.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), ["non-COVID", "COVID-19"])
