@@ -11,7 +11,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -195,8 +195,13 @@ def _send_raw(port: int, ds: pydicom.Dataset, raw: bytes, tmp: Path) -> int:
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
     assert assoc.is_established
-    status = assoc.send_c_store(path)
-    assoc.release()
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, not a re-encoding
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
     return int(status.Status)
 
 
