@@ -1,0 +1,69 @@
+"""The evaluation CLI: JSON keys, PNGs, and the DICOM series path, with a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.model_spec import SeriesRule
+from training.evaluate import classification_metrics, main
+from training.predict import series_score, series_verdict
+from training.train import run
+
+from .test_preprocess import CT_MD, needs_data
+from .test_train import make_csv_source, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("tiny")
+    return run(tiny_config(tmp, finetune={"epochs": 0}))
+
+
+def test_evaluate_manifest_prints_metrics_and_writes_pngs(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = make_csv_source(tmp_path / "eval")
+    assert main(["--model", str(tiny_model), "--manifest", str(manifest),
+                 "--out", str(tmp_path / "png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = report["manifest"]
+    for key in ("accuracy", "per_class", "roc_auc", "confusion_matrix", "sensitivity",
+                "specificity", "threshold", "per_patient"):
+        assert key in m, key
+    assert set(m["per_class"]) == {"Normal", "Pneumonia", "COVID-19"}
+    assert set(m["per_class"]["COVID-19"]) == {"precision", "recall", "f1", "support"}
+    assert np.asarray(m["confusion_matrix"]).sum() == 12
+    assert len(m["per_patient"]) == 6
+    for png in ("confusion_matrix.png", "roc.png", "training_curves_head.png"):
+        assert (tmp_path / "png" / png).is_file(), png
+
+
+@needs_data
+def test_evaluate_dicom_series(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(tiny_model), "--dicom", str(CT_MD / "Normal")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (series,) = report["dicom"]["series"].values()
+    assert series["label"] == "Normal" and series["slices"] == 77
+    assert 5 <= series["selected"] <= 77 and "score" in series
+
+
+def test_classification_metrics_two_classes() -> None:
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.8, 0.2]])
+    m = classification_metrics(y, probs, ["non-COVID", "COVID-19"], 1, 0.5, ["a", "a", "b", "c"])
+    assert m["accuracy"] == 0.5 and m["roc_auc"] == 0.75
+    assert m["confusion_matrix"] == [[1, 1], [1, 1]]
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5
+    assert m["per_patient"]["a"]["max_score"] == pytest.approx(0.6)
+
+
+def test_series_rules() -> None:
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.7])
+    assert series_score(scores, SeriesRule(kind="top_k_mean", k=2)) == pytest.approx(0.85)
+    rule = SeriesRule(kind="fraction_above", slice_threshold=0.5, series_threshold=0.5)
+    assert series_score(scores, rule) == pytest.approx(0.6)
+    assert series_verdict(scores, rule).positive

@@ -1,0 +1,62 @@
+"""The shared CT transform: the training path and the node path give identical arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.preprocess import (
+    LUNG_WINDOW,
+    Window,
+    apply_window,
+    hounsfield,
+    hu_to_input,
+    lung_fraction,
+    read_dicom,
+)
+from training.augment import render
+from training.dataset import Row, load_input, load_native
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+CT_MD = DATA / "ct_dicom" / "covid_ct_md"
+TCIA = DATA / "ct_dicom" / "tcia_lung_pet_ct_dx"
+
+needs_data = pytest.mark.skipif(
+    not CT_MD.is_dir(), reason=f"real CT data not found at {DATA} (../shared/data)"
+)
+
+
+def _first_dicom(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*.dcm"))[len(list(folder.rglob("*.dcm"))) // 2]
+
+
+@needs_data
+@pytest.mark.parametrize("folder", [CT_MD / "COVID" / "P001", TCIA / "Lung_Dx-A0001"])
+def test_training_and_node_paths_give_identical_arrays(folder: Path) -> None:
+    """JPEG Lossless (COVID-CT-MD) and Implicit VR (TCIA) slices, at two sizes."""
+    path = _first_dicom(folder)
+    row = Row(str(path), "COVID-19", "p", "s", kind="dicom")
+    for size in (64, 224):
+        node = hu_to_input(hounsfield(read_dicom(path)), size, LUNG_WINDOW)
+        training = load_input(row, size, LUNG_WINDOW)
+        rendered = render(load_native(row), "dicom", size, LUNG_WINDOW, None,
+                          np.random.default_rng(0))
+        assert training.dtype == node.dtype == np.float32
+        np.testing.assert_array_equal(training, node)
+        np.testing.assert_array_equal(rendered, node)
+        assert node.shape == (size, size) and 0.0 <= node.min() and node.max() <= 1.0
+
+
+@needs_data
+def test_hounsfield_clips_padding_and_finds_lung() -> None:
+    hu = hounsfield(read_dicom(_first_dicom(CT_MD / "Normal" / "normal001")))
+    assert hu.min() >= -1024.0
+    assert lung_fraction(hu) > 0.05
+
+
+def test_window_maps_level_to_half() -> None:
+    w = Window(-600.0, 1500.0)
+    out = apply_window(np.array([[-1350.0, -600.0, 150.0, 3000.0]], np.float32), w)
+    np.testing.assert_allclose(out, [[0.0, 0.5, 1.0, 1.0]])

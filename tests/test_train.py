@@ -1,0 +1,111 @@
+"""Training end to end on tiny generated data: 3 classes, 32 px, random backbone, 1-2 epochs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from node.model_spec import load_spec
+from training.config import TrainConfig
+from training.train import run
+
+CLASSES_3 = ["Normal", "Pneumonia", "COVID-19"]
+
+
+def make_images(root: Path, per_class: int = 4, size: int = 40) -> Path:
+    """Folder-per-class grey JPEGs, each class with its own brightness pattern."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["Normal", "CAP", "COVID"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size)) + 60 * c
+            img[size // 4 : size // 2, :] += 40 * c
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i}.jpg")
+    return root
+
+
+def make_csv_source(root: Path) -> Path:
+    """A CSV manifest with patient ids (two slices per patient) pointing at generated images."""
+    images = make_images(root / "img", per_class=4)
+    csv_path = root / "manifest.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "patient_id"])
+        for cls in ("Normal", "CAP", "COVID"):
+            for i in range(4):
+                w.writerow([f"img/{cls}/{i}.jpg", cls, f"{cls}-{i // 2}"])
+    assert images.is_dir()
+    return csv_path
+
+
+def tiny_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
+    folders = make_images(tmp_path / "folders")
+    manifest = make_csv_source(tmp_path / "csvsrc")
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "version": "0.0.1",
+        "classes": CLASSES_3,
+        "positive_class": "COVID-19",
+        "input_size": 32,
+        "backbone_weights": None,
+        "sources": [
+            {"name": "folders", "kind": "folders", "path": str(folders), "split": "carve",
+             "licence": "generated"},
+            {"name": "csvsrc", "kind": "csv", "path": str(manifest), "split": "train"},
+        ],
+        "split": {"val_fraction": 0.25, "test_fraction": 0.25},
+        "head": {"epochs": 2, "batch_size": 8, "renderings": 1, "learning_rate": 1e-3},
+        "finetune": {"epochs": 1, "batch_size": 4, "top_blocks": 1},
+        "output_root": str(tmp_path / "models"),
+        "work_dir": str(tmp_path / "work"),
+    }
+    data.update(overrides)
+    return TrainConfig.model_validate(data)
+
+
+def test_tiny_three_class_run_writes_loadable_model_dir(tmp_path: Path) -> None:
+    model_dir = run(tiny_config(tmp_path))
+    spec = load_spec(model_dir)
+    assert spec.classes == CLASSES_3 and spec.input_size == 32
+    assert spec.sha256 and len(spec.sha256) == 64
+    model = keras.models.load_model(model_dir / "model.keras", compile=False)
+    probs = model.predict(np.zeros((2, 32, 32, 1), np.float32), verbose=0)
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    for name in ("evaluation.json", "MODEL_CARD.md", "training_head_log.csv",
+                 "training_finetune_log.csv", "confusion_folders.png"):
+        assert (model_dir / name).is_file(), name
+    evaluation = json.loads((model_dir / "evaluation.json").read_text())
+    assert "held_out_test" in evaluation["sources"]["folders"]
+    assert sum(p.stat().st_size for p in model_dir.iterdir()) < 25e6
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_training_resumes_after_interruption(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, head={"epochs": 4, "batch_size": 8, "renderings": 1,
+                                      "patience": 10},
+                      finetune={"epochs": 0})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, extra_callbacks=[Interrupt()])
+    work = tmp_path / "work"
+    epochs_before = [json.loads(line)["epoch"] for line in
+                     (work / "head" / "log.jsonl").read_text().splitlines()]
+    assert epochs_before == [0, 1]
+    assert any((work / "features").iterdir()), "feature cache kept for the resumed run"
+    model_dir = run(cfg)
+    epochs = [json.loads(line)["epoch"] for line in
+              (work / "head" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3], "resumed at epoch 2 instead of starting over"
+    assert load_spec(model_dir).name == "tiny"

@@ -1,0 +1,234 @@
+"""Training stage, export: trained model -> ``models/<name>/<version>/`` with its evaluation.
+
+Writes ``model.keras``, ``model.json`` (``node.model_spec.write_spec``), ``evaluation.json``,
+PNGs (confusion matrices, ROC, training curves), the epoch logs and ``MODEL_CARD.md``.  Every
+number comes from data the scored model did not train on: the held-out (test) patients of each
+source, and leave-one-patient-out scores for the ``lopo`` sources.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from node.model_spec import MODEL_FILE, ModelSpec, SeriesRule, write_spec
+from node.preprocess import PREPROCESSING_VERSION
+from training.config import TrainConfig
+from training.dataset import Row, class_index
+from training.evaluate import (
+    classification_metrics,
+    dicom_slice_auc,
+    plot_confusion,
+    plot_roc,
+    plot_training_curves,
+)
+from training.features import NativeCache
+from training.model_card import write_model_card
+from training.predict import predict_proba, series_score
+
+logger = logging.getLogger(__name__)
+
+
+def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_curve
+
+    if not 0 < y.sum() < len(y):
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, s)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thr[best], 0.0, 1.0))
+
+
+def lopo_series(rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float],
+                cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Series of the LOPO sources: label, selected slices' held-out scores, in z order."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.path in lopo:
+            groups[r.series_uid or r.patient_id].append(i)
+    out = {}
+    for uid, idx in sorted(groups.items()):
+        idx = sorted(idx, key=lambda i: rows[i].z or 0.0)
+        keep = [i for i in idx if lung[i] >= cfg.selection.min_lung_fraction]
+        first = rows[idx[0]]
+        positive = class_index(first.label, cfg.classes) == cfg.classes.index(cfg.positive_class)
+        out[uid] = {"patient_id": first.patient_id, "source": first.source, "label": first.label,
+                    "positive": positive, "slices": len(idx), "selected": len(keep),
+                    "scores": [lopo[rows[i].path] for i in keep]}
+    return out
+
+
+def choose_series_rule(series: dict[str, dict[str, Any]], candidates: Sequence[SeriesRule],
+                       min_slices: int) -> tuple[SeriesRule, list[dict[str, Any]]]:
+    """The candidate with most correct LOPO verdicts, then the widest margin."""
+    results = []
+    for rule in candidates:
+        verdicts, margins = {}, []
+        for uid, s in series.items():
+            if s["selected"] < min_slices:
+                verdicts[uid] = {"patient_id": s["patient_id"], "rejected": True}
+                continue
+            score = series_score(np.asarray(s["scores"]), rule)
+            called = score >= rule.series_threshold
+            margins.append((score - rule.series_threshold) * (1 if s["positive"] else -1))
+            verdicts[uid] = {"patient_id": s["patient_id"], "label": s["label"],
+                             "score": round(score, 4), "positive": bool(called),
+                             "correct": bool(called == s["positive"])}
+        correct = sum(v.get("correct", False) for v in verdicts.values())
+        results.append({"rule": rule.model_dump(exclude={"justification"}), "correct": correct,
+                        "scored": len(margins), "min_margin": min(margins) if margins else None,
+                        "verdicts": verdicts})
+    if not results:
+        raise ValueError("no series rule candidates")
+    best = max(range(len(results)),
+               key=lambda j: (results[j]["correct"], results[j]["min_margin"] or -1.0))
+    return candidates[best], results
+
+
+def _binary(y_pos: np.ndarray, s: np.ndarray, thr: float, pids: Sequence[str],
+            positive: str) -> dict[str, Any]:
+    probs = np.c_[1.0 - s, s]
+    return classification_metrics(y_pos.astype(int), probs, [f"not {positive}", positive], 1,
+                                  thr, pids)
+
+
+def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: NativeCache,
+                 usable: np.ndarray, lopo: dict[str, float], spec: ModelSpec,
+                 out_dir: Path) -> tuple[dict[str, Any], float, SeriesRule]:
+    """Held-out metrics per source, the threshold and the chosen series rule."""
+    pos_idx = spec.positive_index
+    window = cfg.window.as_window()
+    inputs = cache.inputs(range(len(rows)), cfg.input_size, window)
+    probs = predict_proba(model, spec, inputs)
+    labels = np.array([class_index(r.label, cfg.classes) if u else -1
+                       for r, u in zip(rows, usable, strict=True)])
+    val = [i for i, r in enumerate(rows) if r.split == "val" and usable[i]]
+    thr = cfg.threshold.value
+    if cfg.threshold.strategy == "youden_val" and val:
+        thr = youden_threshold((labels[val] == pos_idx).astype(int), probs[val, pos_idx])
+    report: dict[str, Any] = {"threshold": thr, "threshold_strategy": cfg.threshold.strategy,
+                              "sources": {}}
+    curves = {}
+    for src in cfg.sources:
+        test = [i for i, r in enumerate(rows) if r.source == src.name and r.split == "test"
+                and usable[i]]
+        entry: dict[str, Any] = {}
+        if test:
+            m = classification_metrics(labels[test], probs[test], cfg.classes, pos_idx, thr,
+                                       [rows[i].patient_id for i in test])
+            entry["held_out_test"] = m
+            curves[f"{src.name} test"] = ((labels[test] == pos_idx).astype(int), probs[test, pos_idx])
+            plot_confusion(m["confusion_matrix"], cfg.classes, out_dir / f"confusion_{src.name}.png",
+                           f"{src.name}: held-out test")
+        held = [i for i, r in enumerate(rows) if r.source == src.name and r.path in lopo
+                and r.kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction]
+        if held:
+            s = np.array([lopo[rows[i].path] for i in held])
+            entry["lopo_selected_slices"] = dicom_slice_auc([rows[i] for i in held], s)
+            use = [j for j, i in enumerate(held) if usable[i]]
+            y = np.array([labels[held[j]] == pos_idx for j in use])
+            entry["lopo_usable_slices"] = _binary(y, s[use], thr, [rows[held[j]].patient_id for j in use],
+                                                  cfg.positive_class)
+        if entry:
+            report["sources"][src.name] = entry
+    held = [i for i, r in enumerate(rows) if r.path in lopo and r.kind == "dicom"
+            and cache.lung[i] >= cfg.selection.min_lung_fraction]
+    if held:
+        s = np.array([lopo[rows[i].path] for i in held])
+        sub = [rows[i] for i in held]
+        report["dicom_lopo_all"] = dicom_slice_auc(sub, s)
+        infected = np.array([r.label == "COVID-19" and r.slice_label != 0 for r in sub])
+        negative = np.array([r.label != "COVID-19" for r in sub])
+        keep = infected | negative
+        curves["DICOM LOPO infected vs non-COVID"] = (infected[keep].astype(int), s[keep])
+    rule = cfg.series_rules[0]
+    series = lopo_series(rows, cache.lung, lopo, cfg)
+    if series:
+        rule, results = choose_series_rule(series, cfg.series_rules, cfg.selection.min_slices)
+        report["series_rule_candidates"] = results
+        chosen = next(r for r in results if r["rule"] == rule.model_dump(exclude={"justification"}))
+        report["series_verdicts_lopo"] = chosen["verdicts"]
+        names = ", ".join(f"{v['patient_id']}={'pos' if v.get('positive') else 'neg'}"
+                          f"({v.get('score', 'rejected')})" for v in chosen["verdicts"].values())
+        rule = rule.model_copy(update={"justification": (
+            f"Chosen among {len(results)} candidate rules by leave-one-patient-out series "
+            f"verdicts on the Hounsfield DICOM series ({chosen['correct']}/{chosen['scored']} "
+            f"correct, smallest margin {chosen['min_margin']:.3f}): {names}. See "
+            "evaluation.json 'series_rule_candidates'.")})
+    if curves:
+        plot_roc(curves, out_dir / "roc.png")
+    return report, thr, rule
+
+
+def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: NativeCache,
+           usable: np.ndarray, lopo: dict[str, float], work: Path) -> Path:
+    out_dir = cfg.resolved(cfg.output_root) / cfg.name / cfg.version
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / MODEL_FILE)
+    size_mb = (out_dir / MODEL_FILE).stat().st_size / 1e6
+    if size_mb > cfg.max_model_mb:
+        raise ValueError(f"{out_dir / MODEL_FILE}: {size_mb:.1f} MB > {cfg.max_model_mb} MB")
+    spec = ModelSpec(name=cfg.name, version=cfg.version, classes=cfg.classes,
+                     positive_class=cfg.positive_class, input_size=cfg.input_size,
+                     window=cfg.window, preprocessing_version=PREPROCESSING_VERSION,
+                     selection=cfg.selection)
+    report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, lopo, spec, out_dir)
+    for phase in ("head", "finetune"):
+        for name in ("log.csv", "log.jsonl"):
+            if (work / phase / name).is_file():
+                shutil.copy(work / phase / name, out_dir / f"training_{phase}_{name}")
+    plot_training_curves(out_dir / "training_head_log.csv", out_dir / "training_curves_head.png")
+    plot_training_curves(out_dir / "training_finetune_log.csv",
+                         out_dir / "training_curves_finetune.png")
+    sources = []
+    for src in cfg.sources:
+        srows = [(r, u) for r, u in zip(rows, usable, strict=True) if r.source == src.name]
+        sources.append({
+            "name": src.name, "path": str(src.path), "licence": src.licence,
+            "citation": src.citation, "split": src.split, "lopo": src.lopo,
+            "patients": len({r.patient_id for r, _ in srows}),
+            "slices_trained_on": sum(1 for r, u in srows if u and r.split == "train"),
+            "slices_validation": sum(1 for r, u in srows if u and r.split == "val"),
+            "slices_held_out_test": sum(1 for r, u in srows if u and r.split == "test"),
+        })
+    report["lopo_note"] = ("LOPO scores come from the phase-1 recipe (frozen backbone, head "
+                           "refitted without the patient)" +
+                           (" ; the shipped model was fine-tuned further" if cfg.finetune.epochs
+                            else "; identical to the shipped model's recipe"))
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    final = spec.model_copy(update={
+        "threshold": thr, "series_rule": rule, "training_data": sources,
+        "metrics": summarise(report), "backbone": "EfficientNet-Lite0 (ImageNet, Apache-2.0)"
+        if cfg.backbone_weights else "EfficientNet-Lite0 (random init)",
+        "training_config": cfg.model_dump(mode="json"),
+    })
+    final = write_spec(out_dir, final)
+    write_model_card(out_dir, final, report, sources)
+    logger.info("model written to %s (%.1f MB)", out_dir, size_mb)
+    return out_dir
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers for model.json."""
+    out: dict[str, Any] = {}
+    for name, entry in report.get("sources", {}).items():
+        if "held_out_test" in entry:
+            m = entry["held_out_test"]
+            out[f"{name}_test"] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "sensitivity",
+                                                      "specificity")}
+        if "lopo_selected_slices" in entry:
+            out[f"{name}_lopo_slices"] = entry["lopo_selected_slices"]
+    if "dicom_lopo_all" in report:
+        out["dicom_lopo_all"] = report["dicom_lopo_all"]
+    if "series_verdicts_lopo" in report:
+        out["series_verdicts_lopo"] = {v["patient_id"]: v.get("positive")
+                                       for v in report["series_verdicts_lopo"].values()}
+    return out

@@ -1,0 +1,95 @@
+"""Training stage, export: ``MODEL_CARD.md`` from the spec and the measured evaluation.
+
+Every number in the card is read from ``evaluation.json``'s dict; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from node.model_spec import ModelSpec
+
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _source_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["| source | held out as | n | accuracy | ROC AUC | sensitivity | specificity |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entry in report.get("sources", {}).items():
+        if "held_out_test" in entry:
+            m = entry["held_out_test"]
+            lines.append(f"| {name} | test patients | {m['n']} | {_f(m['accuracy'])} | "
+                         f"{_f(m['roc_auc'])} | {_f(m['sensitivity'])} | {_f(m['specificity'])} |")
+        if "lopo_usable_slices" in entry:
+            m = entry["lopo_usable_slices"]
+            lines.append(f"| {name} | leave-one-patient-out, lung slices | {m['n']} | "
+                         f"{_f(m['accuracy'])} | {_f(m['roc_auc'])} | {_f(m['sensitivity'])} | "
+                         f"{_f(m['specificity'])} |")
+    return lines
+
+
+def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
+                     sources: list[dict[str, Any]]) -> None:
+    extra = spec.model_extra or {}
+    lines = [
+        f"# Model card: {spec.name} {spec.version}",
+        "",
+        "## Intended use",
+        f"Triage aid for chest CT: it ranks a CT series by how likely it shows {spec.positive_class} "
+        "findings so that a radiologist can read suspicious studies first. **It is not a "
+        "diagnosis**, it does not replace RT-PCR or a radiologist's read, and it must not be used "
+        "to rule COVID-19 out.",
+        "",
+        "## Model",
+        f"- classes {spec.classes}, positive class {spec.positive_class!r}; "
+        f"backbone {extra.get('backbone', '')}; input {spec.input_size}x{spec.input_size} grey, "
+        f"lung window level {spec.window.level:g} / width {spec.window.width:g} HU; "
+        f"preprocessing version {spec.preprocessing_version}.",
+        f"- slice threshold {spec.threshold:.3f} ({report.get('threshold_strategy')}); slices "
+        f"classified where lung fraction >= {spec.selection.min_lung_fraction} "
+        f"(at least {spec.selection.min_slices}).",
+        f"- series rule: {spec.series_rule.kind} (k={spec.series_rule.k}, slice threshold "
+        f"{spec.series_rule.slice_threshold}, series threshold {spec.series_rule.series_threshold})."
+        f" {spec.series_rule.justification}",
+        "",
+        "## Data it saw",
+        "| source | licence | patients | slices trained | validation | held-out test | LOPO |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in sources:
+        lines.append(f"| {s['name']} | {s['licence']} | {s['patients']} | "
+                     f"{s['slices_trained_on']} | {s['slices_validation']} | "
+                     f"{s['slices_held_out_test']} | {'yes' if s['lopo'] else 'no'} |")
+    lines += ["", "Citations: " + "; ".join(s["citation"] for s in sources if s["citation"]), "",
+              "## Measured performance (data the scored model did not train on)", ""]
+    lines += _source_lines(report)
+    if "dicom_lopo_all" in report:
+        d = report["dicom_lopo_all"]
+        lines += ["", f"Hounsfield DICOM, all patients leave-one-patient-out, lung slices: "
+                      f"infected-slice ROC AUC vs all non-COVID slices "
+                      f"{_f(d['infected_vs_non_covid_auc'])}, vs Normal/non-COVID-only patients "
+                      f"{_f(d['infected_vs_normal_auc'])} ({d['n_infected']} infected, "
+                      f"{d['n_non_covid']} non-COVID slices)."]
+    if "series_verdicts_lopo" in report:
+        lines += ["", "Series verdicts (leave-one-patient-out):", ""]
+        for v in report["series_verdicts_lopo"].values():
+            lines.append(f"- {v['patient_id']} ({v.get('label', '')}): "
+                         f"{'rejected' if v.get('rejected') else ('positive' if v['positive'] else 'negative')}"
+                         f" score {v.get('score', '')} {'(correct)' if v.get('correct') else '(WRONG)' if 'correct' in v else ''}")
+    lines += ["", report.get("lopo_note", ""), "",
+              "## Not tested on / limitations",
+              "- Only 3 COVID-positive and 7 non-COVID Hounsfield DICOM patients exist here, from "
+              "few scanners (Siemens, Philips, one RICORD site); the DICOM numbers have wide "
+              "uncertainty. Not tested on other vendors, low-dose protocols, children, or "
+              "post-2021 variants.",
+              "- The 8-bit sources were windowed by their publishers (UCSD images are cropped from "
+              "papers, some with burned-in text); their numbers say little about Hounsfield input.",
+              "- Only one real pneumonia (CAP) patient: the model does not separate COVID-19 from "
+              "other pneumonias reliably, and no Pneumonia class is offered.",
+              "- Slice labels of COVID-CT-MD CAP patients are less certain (upstream README).",
+              "", "See `evaluation.json` for every number, per patient, and the PNGs here."]
+    (out_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

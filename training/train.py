@@ -1,0 +1,344 @@
+"""Training stage: ``python -m training.train --config training/configs/<name>.yaml``.
+
+1. Read every source into one manifest and split it by patient (``training.dataset``).
+2. Phase 1, frozen backbone: cache features of the exact node inputs plus N augmented renderings
+   of every training slice, train the softmax head on them (Adam, exponential decay, early
+   stopping, best checkpoint, resumable) and copy it into the full model.
+3. Leave-one-patient-out: for sources marked ``lopo`` (the scarce Hounsfield DICOM patients), refit
+   the head without each patient and score that patient, so no patient scores itself.
+4. Phase 2 (optional, ``finetune.epochs > 0``): fine-tune the top blocks on streamed augmented
+   inputs (``tf.data``), resumable through ``BackupAndRestore``.
+5. Export ``models/<name>/<version>/`` with evaluation, plots and model card
+   (``training.export``).
+
+Interrupted runs resume from ``work_dir``: cached features, the phase state and Keras backups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from training.augment import AugmentConfig
+from training.config import FinetuneConfig, OptimiserConfig, SourceConfig, TrainConfig, load_config
+from training.dataset import (
+    NORMAL,
+    Row,
+    check_patient_disjoint,
+    class_index,
+    canonical_label,
+    read_covidx,
+    read_csv_manifest,
+    read_dicom_series,
+    read_image_folders,
+    sample_weights,
+    split_by_patient,
+    write_manifest,
+)
+from training.features import NativeCache, rendering_features
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def read_source(src: SourceConfig) -> list[Row]:
+    path = src.resolved(src.path)
+    assert path is not None
+    if not path.exists():
+        raise FileNotFoundError(f"source {src.name}: {path} does not exist")
+    if src.kind == "csv":
+        rows = read_csv_manifest(path, src.name)
+    elif src.kind == "folders":
+        rows = read_image_folders(path, src.name)
+    elif src.kind == "covidx":
+        images = src.resolved(src.images)
+        if images is None:
+            raise ValueError(f"source {src.name}: covidx needs 'images'")
+        rows = read_covidx(path, images, src.resolved(src.metadata), src.name)
+    else:
+        if not src.label:
+            raise ValueError(f"source {src.name}: dicom needs 'label'")
+        rows = read_dicom_series(path, canonical_label(src.label), source=src.name)
+    return [replace(r, source=src.name) for r in rows]
+
+
+def collect_rows(cfg: TrainConfig) -> list[Row]:
+    """All sources -> rows with a patient-level split, checked disjoint."""
+    rows: list[Row] = []
+    for i, src in enumerate(cfg.sources):
+        part = read_source(src)
+        fixed = src.split if src.split in ("train", "test") else None
+        part = split_by_patient(
+            part, cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed + i,
+            use_official=src.split == "official", fixed=fixed,
+        )
+        logger.info("source %s: %d rows, %d patients", src.name, len(part),
+                    len({r.patient_id for r in part}))
+        rows += part
+    check_patient_disjoint(rows)
+    return rows
+
+
+def usable_for_training(rows: Sequence[Row], lung: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """Rows a head may learn from: label fits the classes, DICOM slice shows lung (the node's
+    selection), and no slice marked uninfected is taught as its patient's disease."""
+    normal_idx = class_index(NORMAL, cfg.classes)
+    ok = []
+    for row, lf in zip(rows, lung, strict=True):
+        idx = class_index(row.label, cfg.classes)
+        ok.append(
+            idx is not None
+            and (row.kind != "dicom" or lf >= cfg.selection.min_lung_fraction)
+            and not (row.slice_label == 0 and idx != normal_idx)
+        )
+    return np.array(ok)
+
+
+# ---------------------------------------------------------------------------------------- head
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Append one line per epoch to ``log.csv`` and ``log.jsonl`` (files closed every epoch, so an
+    interrupted run leaves complete logs that the resumed run continues)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self.log_dir = log_dir
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        row = {"epoch": epoch, **{k: float(v) for k, v in sorted((logs or {}).items())}}
+        with open(self.log_dir / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        csv_path = self.log_dir / "log.csv"
+        new = not csv_path.is_file()
+        with open(csv_path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def optimiser(opt: OptimiserConfig) -> keras.optimizers.Optimizer:
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        opt.learning_rate, opt.decay_steps, opt.decay_rate
+    )
+    return keras.optimizers.Adam(schedule)
+
+
+def build_head(n_features: int, num_classes: int, dropout: float) -> keras.Model:
+    """The classifier head alone, layer names as in ``build_classifier``."""
+    inputs = keras.Input((n_features,), name="features")
+    x = keras.layers.Dropout(dropout, name="dropout")(inputs)
+    out = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, out, name="head")
+
+
+def fit(
+    model: keras.Model,
+    train: tuple[Any, ...],
+    val: tuple[Any, ...] | None,
+    opt: OptimiserConfig,
+    log_dir: Path | None,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    dataset: bool = False,
+) -> keras.Model:
+    """Compile and fit with early stopping and the best weights kept; resumable via log_dir."""
+    model.compile(optimizer=optimiser(opt), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    monitor = opt.monitor if val is not None else opt.monitor.removeprefix("val_")
+    mode = "max" if "acc" in monitor else "min"
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(monitor, patience=opt.patience, mode=mode,
+                                      restore_best_weights=True),
+    ]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        callbacks += [
+            keras.callbacks.BackupAndRestore(str(log_dir / "backup")),
+            keras.callbacks.ModelCheckpoint(str(log_dir / "best.weights.h5"), monitor,
+                                            mode=mode, save_best_only=True,
+                                            save_weights_only=True),
+            EpochLogger(log_dir),
+        ]
+    callbacks += list(extra_callbacks)
+    verbose = (1 if sys.stdout.isatty() else 2) if log_dir is not None else 0
+    if dataset:
+        model.fit(train[0], validation_data=val, epochs=opt.epochs, callbacks=callbacks,
+                  verbose=verbose)
+    else:
+        x, y, w = train
+        model.fit(x, y, sample_weight=w, batch_size=opt.batch_size, epochs=opt.epochs,
+                  validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=True)
+    return model
+
+
+class Phase1:
+    """Cached features + labels for head training and leave-one-patient-out refits."""
+
+    def __init__(self, cfg: TrainConfig, rows: list[Row], cache: NativeCache,
+                 emb: keras.Model, work: Path) -> None:
+        self.cfg, self.rows = cfg, rows
+        aug = AugmentConfig(**cfg.augment.model_dump())
+        window = cfg.window.as_window()
+        usable = usable_for_training(rows, cache.lung, cfg)
+        self.usable = usable
+        self.all_idx = list(range(len(rows)))
+        self.base = rendering_features(emb, cache, self.all_idx, 0, cfg.input_size, window,
+                                       aug, cfg.seed, work / "features")
+        self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
+        self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
+        self.aug_feats = [
+            rendering_features(emb, cache, self.train_idx, r, cfg.input_size, window, aug,
+                               cfg.seed, work / "features")
+            for r in range(1, cfg.head.renderings + 1)
+        ]
+        self.labels = np.array([class_index(r.label, cfg.classes) if u else -1
+                                for r, u in zip(rows, usable, strict=True)])
+
+    def train_set(self, exclude: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keep = [j for j, i in enumerate(self.train_idx) if self.rows[i].patient_id != exclude]
+        idx = [self.train_idx[j] for j in keep]
+        x = np.concatenate([self.base[idx]] + [f[keep] for f in self.aug_feats])
+        y = np.tile(self.labels[idx], 1 + len(self.aug_feats))
+        src = [self.rows[i].source for i in idx] * (1 + len(self.aug_feats))
+        return x, y, sample_weights(y, src)
+
+    def val_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if not self.val_idx:
+            return None
+        y = self.labels[self.val_idx]
+        return self.base[self.val_idx], y, sample_weights(y, [self.rows[i].source for i in self.val_idx])
+
+    def fit_head(self, exclude: str | None, log_dir: Path | None,
+                 extra: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+        keras.utils.set_random_seed(self.cfg.seed)
+        head = build_head(self.base.shape[1], len(self.cfg.classes), self.cfg.dropout)
+        return fit(head, self.train_set(exclude), self.val_set(), self.cfg.head, log_dir, extra)
+
+    def lopo_scores(self, positive_index: int) -> dict[int, float]:
+        """Row index -> positive score from a head trained without that row's patient."""
+        lopo_sources = {s.name for s in self.cfg.sources if s.lopo}
+        patients = sorted({r.patient_id for r in self.rows if r.source in lopo_sources})
+        scores: dict[int, float] = {}
+        for n, pid in enumerate(patients, 1):
+            logger.info("leave-one-patient-out %d/%d: %s", n, len(patients), pid)
+            head = self.fit_head(pid, None)
+            idx = [i for i, r in enumerate(self.rows) if r.patient_id == pid]
+            probs = np.asarray(head.predict(self.base[idx], verbose=0))
+            scores.update({i: float(p) for i, p in zip(idx, probs[:, positive_index], strict=True)})
+        return scores
+
+
+# ------------------------------------------------------------------------------------ fine-tune
+
+
+def streamed(x: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, aug: AugmentConfig | None,
+             seed: int) -> Any:
+    """``tf.data`` over in-memory inputs; augmentation (intensity + geometry) on the fly."""
+    import tensorflow as tf
+
+    from training.augment import geometric_layers, tf_intensity
+
+    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y, w))
+    if aug is not None:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch)
+    if aug is not None:
+        geo = geometric_layers(aug, seed)
+        ds = ds.map(lambda a, b, c: (tf.clip_by_value(geo(tf_intensity(a, aug), training=True),
+                                                      0.0, 1.0), b, c))
+    return ds.prefetch(2)
+
+
+def finetune(model: keras.Model, cfg: TrainConfig, ft: FinetuneConfig, data: dict[str, Any],
+             log_dir: Path, extra: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+    from training.model import set_backbone_trainable
+
+    set_backbone_trainable(model, ft.top_blocks)
+    aug = AugmentConfig(**cfg.augment.model_dump())
+    train = streamed(*data["train"], ft.batch_size, aug, cfg.seed)
+    val = streamed(*data["val"], ft.batch_size, None, cfg.seed) if data.get("val") else None
+    return fit(model, (train,), val, ft, log_dir, extra, dataset=True)
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Path:
+    """Train, evaluate and export; returns the model directory."""
+    from training.backbone import lite0_weights_path
+    from training.export import export
+    from training.model import build_classifier, embedding_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    work = cfg.resolved(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    rows = collect_rows(cfg)
+    write_manifest(rows, work / "manifest.csv")
+    weights = lite0_weights_path() if cfg.backbone_weights == "imagenet" else None
+    model = build_classifier(len(cfg.classes), cfg.input_size, weights, cfg.dropout)
+    cache = NativeCache(rows)
+    phase1 = Phase1(cfg, rows, cache, embedding_model(model), work)
+    positive_index = cfg.classes.index(cfg.positive_class)
+
+    head_weights = work / "head.weights.h5"
+    if not state.get("head_done"):
+        head = phase1.fit_head(None, work / "head", extra_callbacks)
+        head.save_weights(head_weights)
+        state["head_done"] = True
+        state_path.write_text(json.dumps(state))
+    head = build_head(phase1.base.shape[1], len(cfg.classes), cfg.dropout)
+    head.load_weights(head_weights)
+    model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+
+    lopo_path = work / "lopo_scores.json"
+    if any(s.lopo for s in cfg.sources) and not lopo_path.is_file():
+        lopo = phase1.lopo_scores(positive_index)
+        lopo_path.write_text(json.dumps({rows[i].path: s for i, s in lopo.items()}))
+    lopo_by_path = json.loads(lopo_path.read_text()) if lopo_path.is_file() else {}
+
+    if cfg.finetune.epochs > 0:
+        ft_weights = work / "finetuned.weights.h5"
+        if not state.get("finetune_done"):
+            window = cfg.window.as_window()
+            data = {}
+            for split, idx in (("train", phase1.train_idx), ("val", phase1.val_idx)):
+                if idx:
+                    y = phase1.labels[idx]
+                    data[split] = (cache.inputs(idx, cfg.input_size, window), y,
+                                   sample_weights(y, [rows[i].source for i in idx]))
+            finetune(model, cfg, cfg.finetune, data, work / "finetune", extra_callbacks)
+            model.save_weights(ft_weights)
+            state["finetune_done"] = True
+            state_path.write_text(json.dumps(state))
+        model.load_weights(ft_weights)
+    return export(cfg, model, rows, cache, phase1.usable, lopo_by_path, work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = run(load_config(args.config))
+    print(model_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
