@@ -19,6 +19,7 @@ from node.pipeline import Context
 from node.receive import start_receiver
 from node.schedule import make_scheduler
 from node.spool import Spool
+from node.tracking import restart_quiet_timers
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def start(settings: Settings) -> Running:
     model = load_model(settings.model_dir)
     ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
     jobs.requeue_interrupted(sessions)
+    restart_quiet_timers(sessions)
     counters: dict[str, int] = {}
     extra = []
     if settings.catch_up.enabled:

@@ -127,3 +127,23 @@ def _record(
     series.instance_count += 1
     series.last_received_at = now
     return Recorded(series.id, duplicate=False, reopened=reopened, version=series.version)
+
+
+def restart_quiet_timers(sessions: sessionmaker[Any]) -> int:
+    """At start-up: series still receiving restart their quiet period now.
+
+    While the node was down nobody could send to it, so the time it was down must not count as
+    quiet: otherwise a sender resending after the restart would split the series into versions.
+    """
+    from sqlalchemy import update
+
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Series)
+            .where(Series.state == SeriesState.RECEIVING)
+            .values(last_received_at=utcnow())
+        )
+        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if count:
+        logger.info("%d series still receiving: quiet timers restarted", count)
+    return count

@@ -1,0 +1,172 @@
+"""End to end with real peers: Orthanc (PACS) auto-forwards real CT to the node process, the node
+analyses it and the SR lands back in the same study in Orthanc.  Plus the node's fault promises:
+PACS down while the SR is due, SIGKILL in the middle of a series."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node.report import verdict_from_report
+from tests.nodeproc import NodeProcess, node_config
+from tests.peers import (
+    CTMD_COVID,
+    TCIA_SIEMENS_B40F,
+    Orthanc,
+    free_port,
+    require_shared_data,
+    series_files,
+    storescu,
+    wait_for,
+)
+from tests.tools import require_tool
+
+pytestmark = pytest.mark.slow
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    started: list[NodeProcess] = []
+
+    def factory(port: int, model_dir: Path, pacs_port: int | None, **kw: Any) -> NodeProcess:
+        config = node_config(
+            tmp_path / "node", port=port, model_dir=model_dir, pacs_port=pacs_port, **kw
+        )
+        proc = NodeProcess(config, port)
+        started.append(proc)
+        return proc
+
+    yield factory
+    for proc in started:
+        proc.stop()
+
+
+def sr_instances(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
+    return [t for t in orthanc.instances_in_study(study_uid) if t.get("SOPClassUID") == SR_CLASS]
+
+
+def test_orthanc_forward_analyse_sr_back_in_same_study(
+    orthanc_factory: Callable[..., Orthanc],
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    require_shared_data(CTMD_COVID)
+    dciodvfy = require_tool("dciodvfy")
+    node_port = free_port()
+    orthanc = orthanc_factory(
+        modalities={
+            "NODE": ("TRIAGE", "127.0.0.1", node_port),
+            "STORESCU": ("STORESCU", "127.0.0.1", 104),
+        },
+        forward_to="NODE",
+        stable_age=2,
+    )
+    node = node_factory(node_port, tiny_model_dir, orthanc.dicom_port).start()
+    files = series_files(CTMD_COVID)
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    storescu(CTMD_COVID, port=orthanc.dicom_port, aec=orthanc.aet, aet="STORESCU")
+
+    wait_for(
+        lambda: len(sr_instances(orthanc, source.StudyInstanceUID)) == 1,
+        180,
+        interval=1,
+        what=f"the SR in Orthanc (node log: {node.log})",
+    )
+    sr_tags = sr_instances(orthanc, source.StudyInstanceUID)[0]
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{sr_tags['_OrthancID']}/file") as rsp:
+        sr_file = tmp_path / "sr.dcm"
+        sr_file.write_bytes(rsp.read())
+    sr = pydicom.dcmread(sr_file)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+
+    check = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], check.stdout + check.stderr
+
+    # The node's verdict equals the offline `classify` of the same files.
+    from_pacs = verdict_from_report(sr)
+    offline = json.loads(node.cli("classify", str(CTMD_COVID)).stdout.strip().splitlines()[-1])
+    assert from_pacs["analysed"] is True and offline["analysed"] is True
+    assert from_pacs["finding"] == offline["finding"] or from_pacs["finding"].lower().startswith(
+        offline["finding"].lower()[:3]
+    )
+    for name, value in offline["probabilities"].items():
+        assert any(abs(v - value) < 1e-4 for v in from_pacs["probabilities"].values()), name
+    assert from_pacs["slices_analysed"] == offline["slices_analysed"]
+
+    status = node.status()
+    row = next(
+        r for r in status["recent_series"] if r["series_instance_uid"] == source.SeriesInstanceUID
+    )
+    assert row["instances"] == len(files)
+    assert row["job_state"] == "done" and row["delivered_at"] is not None
+    # the SR was not forwarded back to the node (Lua loop guard): one series only
+    assert status["series_by_state"] == {"queued": 1}
+
+
+def test_pacs_down_when_sr_due_delivers_once_when_back(
+    orthanc_factory: Callable[..., Orthanc],
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+) -> None:
+    require_shared_data(TCIA_SIEMENS_B40F)
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"NODE": ("TRIAGE", "127.0.0.1", node_port)})
+    orthanc.stop()
+    node = node_factory(node_port, tiny_model_dir, orthanc.dicom_port, quiet_s=1.0).start()
+    storescu(TCIA_SIEMENS_B40F, port=node_port, aec="TRIAGE", aet="STORESCU")
+
+    def failed_attempts() -> int:
+        rows = node.status()["recent_series"]
+        return int(rows[0]["attempts"] or 0) if rows and rows[0]["job_stage"] == "deliver" else 0
+
+    wait_for(lambda: failed_attempts() >= 2, 120, interval=1, what="two failed deliveries")
+    assert "cannot connect" in node.status()["recent_series"][0]["last_error"] or "association" in (
+        node.status()["recent_series"][0]["last_error"]
+    )
+    orthanc.start()
+    study_uid = str(pydicom.dcmread(series_files(TCIA_SIEMENS_B40F)[0]).StudyInstanceUID)
+    wait_for(
+        lambda: node.status()["recent_series"][0]["job_state"] == "done",
+        60,
+        interval=1,
+        what="delivery after the PACS came back",
+    )
+    assert len(sr_instances(orthanc, study_uid)) == 1
+
+
+def test_sigkill_mid_series_then_resend_loses_nothing_one_job(
+    node_factory: Callable[..., NodeProcess], tiny_model_dir: Path
+) -> None:
+    require_shared_data(TCIA_SIEMENS_B40F)
+    files = series_files(TCIA_SIEMENS_B40F)
+    node_port = free_port()
+    node = node_factory(node_port, tiny_model_dir, None, quiet_s=3.0).start()
+    storescu(files[:15], port=node_port, aec="TRIAGE", aet="STORESCU")
+    node.kill()
+    node.start()
+    storescu(files, port=node_port, aec="TRIAGE", aet="STORESCU")  # the sender resends all
+    wait_for(
+        lambda: node.status()["jobs_by_state"].get("done", 0) == 1,
+        120,
+        interval=1,
+        what="the one job done",
+    )
+    status = node.status()
+    assert status["series_by_state"] == {"queued": 1}
+    assert status["recent_series"][0]["instances"] == len(files)
+    assert status["recent_series"][0]["version"] == 1
+    assert sum(status["jobs_by_state"].values()) == 1
+    spooled = list((node.config.parent / "spool").rglob("*.dcm"))
+    assert len([p for p in spooled if ".results" not in p.parts]) == len(files)
