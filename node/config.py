@@ -134,6 +134,7 @@ class CatchUpSettings(_Strict):
     peer: str | None = None
     interval_s: float = Field(300.0, gt=0)
     lookback_hours: float = Field(24.0, gt=0)
+    max_studies_per_tick: int = Field(20, ge=1)
 
 
 class WebSettings(_Strict):

@@ -44,7 +44,6 @@ PENDING = frozenset({0xFF00, 0xFF01})
 SUB_OPERATIONS_WARNING = 0xB000
 
 #: Studies examined per catch-up tick (newest first), so one tick stays short.
-MAX_STUDIES_PER_TICK = 20
 
 
 class PullFailed(NodeError):
@@ -344,7 +343,7 @@ def pull_study(
 # Scheduler: catch up on studies the PACS did not forward
 
 
-def catch_up(ctx: Context, *, max_studies: int = MAX_STUDIES_PER_TICK) -> int:
+def catch_up(ctx: Context, *, max_studies: int | None = None) -> int:
     """Pull recent series of ``catch_up.peer`` that the node has not seen complete.
 
     Never raises (a scheduler tick): problems are logged and the next tick tries again.
@@ -355,6 +354,8 @@ def catch_up(ctx: Context, *, max_studies: int = MAX_STUDIES_PER_TICK) -> int:
         Number of instances retrieved in this tick.
     """
     settings = ctx.settings
+    if max_studies is None:
+        max_studies = settings.catch_up.max_studies_per_tick
     try:
         if settings.catch_up.peer is None:
             logger.warning("catch-up: no catch_up.peer configured")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -65,7 +65,9 @@ def tick_purge(ctx: Context) -> int:
     return len(rows)
 
 
-def make_scheduler(ctx: Context, extra: list[tuple[Callable[[], object], float]] = ()) -> BackgroundScheduler:  # type: ignore[assignment]
+def make_scheduler(
+    ctx: Context, extra: Sequence[tuple[Callable[[], object], float]] = ()
+) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
     tick = ctx.settings.scheduler_tick_s
     scheduler.add_job(tick_complete, "interval", seconds=tick, args=[ctx], id="complete")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ def start(settings: Settings) -> Running:
     jobs.requeue_interrupted(sessions)
     restart_quiet_timers(sessions)
     counters: dict[str, int] = {}
-    extra = []
+    extra: list[tuple[Callable[[], object], float]] = []
     if settings.catch_up.enabled:
         from node.pull import catch_up
 
