@@ -93,6 +93,10 @@ def test_orthanc_forward_analyse_sr_back_in_same_study(
     check = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
     assert errors == [], check.stdout + check.stderr
+    dump = subprocess.run(
+        [require_tool("dsrdump"), str(sr_file)], capture_output=True, text=True, timeout=60
+    )
+    assert dump.returncode == 0 and "not a diagnosis" in dump.stdout, dump.stdout + dump.stderr
 
     # The node's verdict equals the offline `classify` of the same files.
     from_pacs = verdict_from_report(sr)
@@ -170,3 +174,57 @@ def test_sigkill_mid_series_then_resend_loses_nothing_one_job(
     assert sum(status["jobs_by_state"].values()) == 1
     spooled = list((node.config.parent / "spool").rglob("*.dcm"))
     assert len([p for p in spooled if ".results" not in p.parts]) == len(files)
+
+
+def test_catch_up_pulls_what_orthanc_failed_to_forward_while_node_was_down(
+    orthanc_factory: Callable[..., Orthanc],
+    node_factory: Callable[..., NodeProcess],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Orthanc does not retry a failed forward: the node's catch-up must find and pull it."""
+    require_shared_data(TCIA_SIEMENS_B40F)
+    import datetime as dt
+
+    from tests.peers import reidentify_copy
+
+    copies = reidentify_copy(series_files(TCIA_SIEMENS_B40F), tmp_path / "today", seed="catchup")
+    today = dt.date.today().strftime("%Y%m%d")
+    for path in copies:  # a study of today, so it is inside the catch-up lookback
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = today
+        ds.save_as(path, enforce_file_format=False)
+    study_uid = str(pydicom.dcmread(copies[0]).StudyInstanceUID)
+
+    node_port = free_port()
+    orthanc = orthanc_factory(
+        modalities={
+            "NODE": ("TRIAGE", "127.0.0.1", node_port),
+            "STORESCU": ("STORESCU", "127.0.0.1", 104),
+        },
+        forward_to="NODE",
+        stable_age=1,
+    )
+    # the node is down: Orthanc's forward fails and is never retried
+    storescu(copies, port=orthanc.dicom_port, aec=orthanc.aet, aet="STORESCU")
+    wait_for(
+        lambda: "forward" in orthanc.log_text().lower() and len(orthanc.get("/jobs")) >= 1,
+        30,
+        what="Orthanc's (failing) forward job",
+    )
+    node = node_factory(
+        node_port,
+        tiny_model_dir,
+        orthanc.dicom_port,
+        quiet_s=1.0,
+        extra={"catch_up": {"enabled": True, "peer": "pacs", "interval_s": 2, "lookback_hours": 24}},
+    ).start()
+    wait_for(
+        lambda: len(sr_instances(orthanc, study_uid)) == 1,
+        120,
+        interval=1,
+        what=f"the SR of the caught-up series (node log: {node.log})",
+    )
+    status = node.status()
+    assert status["recent_series"][0]["instances"] == len(copies)
+    assert status["jobs_by_state"] == {"done": 1}
