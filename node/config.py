@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -62,6 +63,8 @@ class NodeSettings(_Strict):
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
     network_timeout_s: float = Field(60.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0, description="wait for association messages")
+    dimse_timeout_s: float = Field(30.0, gt=0, description="wait for DIMSE messages")
     require_called_ae: bool = True
 
     @field_validator("bind_address")
@@ -76,9 +79,39 @@ class AllowedCaller(_Strict):
     host: str | None = Field(None, description="IP address the caller must connect from")
 
 
+class TLSSettings(_Strict):
+    """DICOM TLS (PS3.15 B.1) material for the Storage SCP; PEM files."""
+
+    cert_file: Path | None = Field(None, description="our certificate (chain)")
+    key_file: Path | None = Field(None, description="private key of cert_file")
+    ca_file: Path | None = Field(None, description="CA(s) that sign allowed client certificates")
+    require_client_cert: bool = Field(True, description="refuse TLS clients without a CA-signed cert")
+    handshake_timeout_s: float = Field(10.0, gt=0)
+
+
 class SecuritySettings(_Strict):
     allow_any_caller: bool = Field(False, description="lab use only: accept every calling AE")
     allowed_callers: list[AllowedCaller] = []
+    require_tls: bool = Field(False, description="the SCP speaks DICOM TLS only (security.tls)")
+    tls: TLSSettings = TLSSettings()
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> SecuritySettings:
+        if self.require_tls:
+            if self.tls.cert_file is None or self.tls.key_file is None:
+                raise ValueError("require_tls: tls.cert_file and tls.key_file are required")
+            if self.tls.require_client_cert and self.tls.ca_file is None:
+                raise ValueError("require_tls: tls.ca_file is required with require_client_cert")
+        return self
+
+
+class PeerTLS(_Strict):
+    """DICOM TLS towards one peer: verify it against ca_file; optional client certificate."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = Field(True, description="the peer's certificate must name its host")
 
 
 class Peer(_Strict):
@@ -89,6 +122,7 @@ class Peer(_Strict):
     retrieve: Literal["get", "move", "none"] = Field(
         "get", description="how to pull studies from this peer: C-GET, C-MOVE to our AE, or never"
     )
+    tls: PeerTLS | None = Field(None, description="send results to this peer over DICOM TLS")
 
 
 class RetrySettings(_Strict):
@@ -108,6 +142,9 @@ class StorageSettings(_Strict):
     spool_dir: Path = Path("var/spool")
     database_url: str = "sqlite:///var/triage.sqlite3"
     retention_days: float = Field(7.0, gt=0, description="delete spooled instances after this")
+    db_busy_timeout_s: float = Field(
+        10.0, gt=0, description="wait this long for a locked SQLite database, then refuse (0xA700)"
+    )
 
 
 class SelectionSettings(_Strict):
@@ -127,6 +164,9 @@ class AnalysisSettings(_Strict):
     require_axial: bool = True
     max_gap_factor: float = Field(1.6, gt=1, description="largest allowed gap / median spacing")
     batch_size: int = Field(16, ge=1)
+    runtime: Literal["auto", "keras", "tflite"] = Field(
+        "auto", description="auto: LiteRT/XNNPACK when it matches Keras at load, else Keras"
+    )
 
 
 class CatchUpSettings(_Strict):
@@ -138,7 +178,31 @@ class CatchUpSettings(_Strict):
 
 
 class WebSettings(_Strict):
-    enabled: bool = False
+    """The web console (dashboard, /classify, /metrics, /model) served by the node process."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: Port = 8080
+    password: SecretStr | None = Field(
+        None, description="HTTP basic auth password (any user name); required off loopback"
+    )
+    max_upload_mb: float = Field(300.0, gt=0, description="largest upload /classify accepts")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _password_off_loopback(self) -> WebSettings:
+        if self.enabled and self.password is None:
+            if not ipaddress.ip_address(self.bind_address).is_loopback:
+                raise ValueError(
+                    f"web.password: required when web.bind_address is {self.bind_address!r} "
+                    "(not a loopback address); set a password or bind to 127.0.0.1"
+                )
+        return self
 
 
 class Settings(_Strict):
@@ -152,6 +216,7 @@ class Settings(_Strict):
     analysis: AnalysisSettings = AnalysisSettings()
     model_dir: Path = Path("models/covid-ct/current")
     catch_up: CatchUpSettings = CatchUpSettings()
+    web: WebSettings = WebSettings()
     scheduler_tick_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
@@ -186,8 +251,37 @@ class Settings(_Strict):
         results = self.results
         if results.outbox_dir is not None:
             results = results.model_copy(update={"outbox_dir": fix(results.outbox_dir)})
+        tls = self.security.tls
+        tls = tls.model_copy(
+            update={
+                k: fix(v) for k, v in tls.model_dump().items() if k.endswith("_file") and v
+            }
+        )
+        security = self.security.model_copy(update={"tls": tls})
+        peers = [
+            p
+            if p.tls is None
+            else p.model_copy(
+                update={
+                    "tls": p.tls.model_copy(
+                        update={
+                            k: fix(v)
+                            for k, v in p.tls.model_dump().items()
+                            if k.endswith("_file") and v
+                        }
+                    )
+                }
+            )
+            for p in self.peers
+        ]
         return self.model_copy(
-            update={"storage": storage, "results": results, "model_dir": fix(self.model_dir)}
+            update={
+                "storage": storage,
+                "results": results,
+                "model_dir": fix(self.model_dir),
+                "security": security,
+                "peers": peers,
+            }
         )
 
 

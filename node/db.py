@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,29 +126,45 @@ class Job(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the receiving writer
-    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process kill
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_s: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the receiving writer
+        cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process kill
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()
+
+    return on_connect
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine and the tables (idempotent)."""
+def _create_private(path: Path) -> None:
+    """Create the SQLite file owner-only (0600) before SQLite does; its -wal/-shm files follow.
+
+    Creating it first (instead of chmod afterwards) leaves no moment in which another user could
+    open it; the folder is created 0700 for the same reason.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+
+
+def make_engine(url: str, *, busy_timeout_s: float = 10.0) -> Engine:
+    """Create the engine and the tables (idempotent).
+
+    ``busy_timeout_s``: how long a write waits for a lock held by another connection or process
+    before failing with "database is locked" (ingest then answers Out of Resources).
+    """
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+            _create_private(Path(path))
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_s))
     Base.metadata.create_all(engine)
-    if url.startswith("sqlite:///") and path and path != ":memory:":
-        Path(path).chmod(0o600)
     return engine
 
 

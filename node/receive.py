@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from io import BytesIO
 from typing import Any
 
@@ -26,8 +27,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import sessionmaker
 
-from node.config import Settings
-from node.errors import InvalidInstance
+from node import metrics
+from node.config import Settings, TLSSettings
+from node.errors import ConfigError, InvalidInstance
 from node.spool import Spool, check_uid
 from node.tracking import InstanceHeader, record_instance
 
@@ -148,22 +150,32 @@ def handle_store(
     except InvalidInstance as exc:
         logger.warning("refused instance %s from %s: %s", sop_uid[:64], calling_ae, exc)
         counters["refused"] = counters.get("refused", 0) + 1
+        metrics.INSTANCES_RECEIVED.labels("refused").inc()
         return CANNOT_UNDERSTAND
     except Exception:
         logger.exception("unexpected error parsing instance %s", sop_uid[:64])
         return CANNOT_UNDERSTAND
+    final = spool.path_for(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
+    existed = final.exists()  # a resent instance: its file may already be recorded
     try:
         path = spool.write(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
         )
-    except OSError as exc:
+    except OSError as exc:  # disk full, quota, permissions: nothing half-written stays
         logger.error("spool write failed for %s: %s", sop_uid, exc)
+        counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
         return OUT_OF_RESOURCES
     try:
         recorded = record_instance(sessions, header, str(path), len(data), calling_ae, calling_host)
     except Exception as exc:  # database busy/locked/full: the sender must retry
         logger.error("database write failed for %s: %s", sop_uid, exc)
+        if not existed:  # never keep a file the database does not know of
+            path.unlink(missing_ok=True)
+        counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
         return OUT_OF_RESOURCES
+    metrics.INSTANCES_RECEIVED.labels("duplicate" if recorded.duplicate else "stored").inc()
     counters["stored"] = counters.get("stored", 0) + (0 if recorded.duplicate else 1)
     counters["duplicates"] = counters.get("duplicates", 0) + (1 if recorded.duplicate else 0)
     logger.debug(
@@ -209,11 +221,47 @@ def handle_connection(event: Event) -> None:
             pass
 
 
+class _LazyHandshakeContext(ssl.SSLContext):
+    """An SSLContext whose server sockets do the TLS handshake in the association's thread.
+
+    pynetdicom wraps each accepted socket in the server's accept loop; with the default eager
+    handshake a client that connects and stays silent (or speaks plain DICOM) blocks every other
+    caller until it goes away.  Deferring the handshake to the first read moves it into the
+    association's own thread, under a timeout.
+    """
+
+    handshake_timeout_s: float = 10.0
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if kwargs.get("server_side"):
+            sock.settimeout(self.handshake_timeout_s)
+            kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS context of the Storage SCP: TLS 1.2+, our certificate, CA-verified client certificates."""
+    ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.handshake_timeout_s = tls.handshake_timeout_s
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is None or tls.key_file is None:
+        raise ConfigError("security.tls: cert_file and key_file are required for the TLS SCP")
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if tls.ca_file is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def make_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.node.ae_title)
     ae.maximum_associations = settings.node.max_associations
     ae.maximum_pdu_size = settings.node.max_pdu_size
     ae.network_timeout = settings.node.network_timeout_s
+    ae.acse_timeout = settings.node.acse_timeout_s
+    ae.dimse_timeout = settings.node.dimse_timeout_s
     ae.require_called_aet = settings.node.require_called_ae
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -232,13 +280,18 @@ def start_receiver(
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_CONN_OPEN, handle_connection),
     ]
+    ssl_context = server_ssl_context(settings.security.tls) if settings.security.require_tls else None
     server = ae.start_server(
-        (settings.node.bind_address, settings.node.port), block=False, evt_handlers=handlers
+        (settings.node.bind_address, settings.node.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=ssl_context,
     )
     logger.info(
-        "listening as %s on %s:%d",
+        "listening as %s on %s:%d%s",
         settings.node.ae_title,
         settings.node.bind_address,
         settings.node.port,
+        " (DICOM TLS only)" if ssl_context is not None else "",
     )
     return server  # type: ignore[return-value]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from node.config import Peer
+from node.config import Peer, PeerTLS
 from node.errors import SendFailed
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ def set_nodelay(assoc: Association) -> None:
             pass
 
 
+def client_ssl_context(tls: PeerTLS) -> ssl.SSLContext:
+    """TLS context for associations we open: verify the peer against ``ca_file`` (TLS 1.2+)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), None if tls.key_file is None else str(tls.key_file))
+    return ctx
+
+
 def store_files(
     paths: list[Path], peer: Peer, calling_ae: str, *, timeout_s: float = 30.0
 ) -> None:
@@ -46,7 +57,8 @@ def store_files(
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, SR_TRANSFER_SYNTAXES)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = None if peer.tls is None else (client_ssl_context(peer.tls), peer.host)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     except Exception as exc:
         raise SendFailed(f"cannot connect to {peer.name} ({peer.host}:{peer.port}): {exc}") from exc
     if not assoc.is_established:

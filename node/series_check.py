@@ -19,6 +19,8 @@ from node.errors import SeriesRejected
 logger = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Larger slices are refused before any pixel data is decoded (a 65535 x 65535 claim is 8 GiB).
+MAX_DIMENSION = 4096
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
@@ -50,7 +52,24 @@ def read_headers(paths: list[Path]) -> list[tuple[Path, Dataset]]:
 def order_and_check(
     headers: list[tuple[Path, Dataset]], *, require_axial: bool, max_gap_factor: float
 ) -> list[SliceRef]:
-    """Sort slices by position along the slice normal and check the geometry."""
+    """Sort slices by position along the slice normal and check the geometry.
+
+    Raises
+    ------
+    SeriesRejected
+        With the reason, also for header values that cannot be read as numbers.
+    """
+    try:
+        return _order_and_check(
+            headers, require_axial=require_axial, max_gap_factor=max_gap_factor
+        )
+    except (ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+        raise SeriesRejected(f"geometry attributes cannot be read: {exc}") from exc
+
+
+def _order_and_check(
+    headers: list[tuple[Path, Dataset]], *, require_axial: bool, max_gap_factor: float
+) -> list[SliceRef]:
     if not headers:
         raise SeriesRejected("no readable instances in the series")
     classes = {str(ds.get("SOPClassUID", "")) for _, ds in headers}
@@ -65,6 +84,14 @@ def order_and_check(
             f"{len(missing)} slice(s) lack Image Orientation/Position (Patient); "
             "slice order cannot be established"
         )
+    no_rescale = [
+        p.name for p, ds in headers if "RescaleSlope" not in ds or "RescaleIntercept" not in ds
+    ]
+    if no_rescale:
+        raise SeriesRejected(
+            f"{len(no_rescale)} slice(s) lack Rescale Slope/Intercept; "
+            "Hounsfield units cannot be computed"
+        )
     orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise SeriesRejected("slices have different orientations (mixed or reformatted series)")
@@ -76,6 +103,11 @@ def order_and_check(
     sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for _, ds in headers}
     if len(sizes) > 1:
         raise SeriesRejected(f"slices have different sizes {sorted(sizes)}")
+    rows, columns = next(iter(sizes))
+    if not (0 < rows <= MAX_DIMENSION and 0 < columns <= MAX_DIMENSION):
+        raise SeriesRejected(
+            f"slice size {rows} x {columns} is outside 1..{MAX_DIMENSION} pixels per side"
+        )
     thicknesses = {round(float(ds.get("SliceThickness", 0) or 0), 2) for _, ds in headers}
     if len(thicknesses) > 1:
         raise SeriesRejected(f"slices have different thicknesses {sorted(thicknesses)} mm")

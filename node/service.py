@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -40,14 +41,21 @@ class Running:
 
 def open_state(settings: Settings) -> tuple[Any, Spool]:
     """Database sessions and spool; creates both if needed."""
-    engine = make_engine(settings.storage.database_url)
+    engine = make_engine(
+        settings.storage.database_url, busy_timeout_s=settings.storage.db_busy_timeout_s
+    )
     return make_sessionmaker(engine), Spool(settings.storage.spool_dir)
 
 
 def start(settings: Settings) -> Running:
     """Start receiving and working; returns at once (everything runs in background threads)."""
+    os.umask(0o077)  # spool, SRs, database, outbox: owner-only, whoever creates them
     sessions, spool = open_state(settings)
-    model = load_model(settings.model_dir)
+    model = load_model(
+        settings.model_dir,
+        runtime=settings.analysis.runtime,
+        cache_dir=settings.storage.spool_dir / ".models",
+    )
     ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
     jobs.requeue_interrupted(sessions)
     restart_quiet_timers(sessions)
