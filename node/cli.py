@@ -24,6 +24,9 @@ def configure_logging(debug: bool) -> None:
     quiet = logging.INFO if debug else logging.WARNING
     for name in ("pynetdicom", "apscheduler", "tensorflow", "absl", "h5py", "PIL", "highdicom"):
         logging.getLogger(name).setLevel(quiet)
+    # "skipped: maximum number of running instances reached" is the expected, harmless outcome of
+    # a tick arriving while a long job runs (max_instances=1).
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -41,7 +41,7 @@ class Base(DeclarativeBase):
 
 class SeriesState:
     RECEIVING = "receiving"
-    QUEUED = "queued"  # complete and selected: a job exists for this version
+    COMPLETE = "complete"  # complete and selected: a job exists for this version
     REJECTED = "rejected"  # complete, but not ours to analyse (selection rules)
 
 

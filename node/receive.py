@@ -141,8 +141,10 @@ def handle_store(
 ) -> int:
     """Write the instance to the spool, record it, and answer.  Never raises."""
     request = event.request
-    calling_ae = event.assoc.requestor.ae_title.strip()
-    calling_host = str(event.assoc.requestor.address)
+    # The sender is the remote end: the requestor of a pushed C-STORE, the acceptor of a C-GET.
+    remote = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+    calling_ae = remote.ae_title.strip()
+    calling_host = str(remote.address)
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     try:
         data = event.encoded_dataset(include_meta=True)

@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -235,23 +236,27 @@ def build_report(
         procedure_reported=PROCEDURE_CT_CHEST,
         imaging_measurements=[_measurement_group(verdict)],
     )
-    sr = Comprehensive3DSR(
-        evidence=[_with_type2_defaults(evidence[0]), *evidence[1:]],
-        content=report,
-        series_instance_uid=uids.series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=max(1, verdict.series_version),
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=institution_name,
-        previous_versions=None if predecessor is None else [_predecessor_dataset(predecessor)],
-        series_description=SERIES_DESCRIPTION,
-        software_versions=software_version,
-        specific_character_set="ISO_IR 192",
-    )
+    # highdicom warns about "unusual" person names and quotes the name: that would put the
+    # patient's name into the node's logs.  The name is copied as received; silence the warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        sr = Comprehensive3DSR(
+            evidence=[_with_type2_defaults(evidence[0]), *evidence[1:]],
+            content=report,
+            series_instance_uid=uids.series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=uids.sop_instance_uid,
+            instance_number=max(1, verdict.series_version),
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=institution_name,
+            previous_versions=None if predecessor is None else [_predecessor_dataset(predecessor)],
+            series_description=SERIES_DESCRIPTION,
+            software_versions=software_version,
+            specific_character_set="ISO_IR 192",
+        )
     sr.CodingSchemeIdentificationSequence = [_local_scheme_item(manufacturer)]
     return sr
 

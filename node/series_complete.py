@@ -75,7 +75,7 @@ def complete_quiet_series(
                     reason,
                 )
                 continue
-            series.state = SeriesState.QUEUED
+            series.state = SeriesState.COMPLETE
             job = session.scalars(
                 select(Job).where(Job.series_id == series.id, Job.series_version == series.version)
             ).one_or_none()

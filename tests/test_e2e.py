@@ -116,7 +116,7 @@ def test_orthanc_forward_analyse_sr_back_in_same_study(
     assert row["instances"] == len(files)
     assert row["job_state"] == "done" and row["delivered_at"] is not None
     # the SR was not forwarded back to the node (Lua loop guard): one series only
-    assert status["series_by_state"] == {"queued": 1}
+    assert status["series_by_state"] == {"complete": 1}
 
 
 def test_pacs_down_when_sr_due_delivers_once_when_back(
@@ -168,7 +168,7 @@ def test_sigkill_mid_series_then_resend_loses_nothing_one_job(
         what="the one job done",
     )
     status = node.status()
-    assert status["series_by_state"] == {"queued": 1}
+    assert status["series_by_state"] == {"complete": 1}
     assert status["recent_series"][0]["instances"] == len(files)
     assert status["recent_series"][0]["version"] == 1
     assert sum(status["jobs_by_state"].values()) == 1

@@ -202,7 +202,7 @@ def test_catch_up_pulls_unseen_recent_series_once(
 
     assert catch_up(ctx) == 0  # still receiving: not pulled again
     with sessions.begin() as session:  # the scheduler completes it
-        session.execute(update(Series).values(state=SeriesState.QUEUED))
+        session.execute(update(Series).values(state=SeriesState.COMPLETE))
     assert catch_up(ctx) == 0  # complete with every instance: nothing to pull
     with sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 30

@@ -115,7 +115,7 @@ def test_pynetdicom_scu_stores_real_series_and_completion_queues_one_job(node: N
     with node.sessions() as s:
         series = s.scalars(select(Series)).one()
         assert (series.state, series.instance_count, series.version) == (
-            SeriesState.QUEUED,
+            SeriesState.COMPLETE,
             len(files),
             1,
         )
