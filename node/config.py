@@ -19,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -164,9 +163,6 @@ class AnalysisSettings(_Strict):
     require_axial: bool = True
     max_gap_factor: float = Field(1.6, gt=1, description="largest allowed gap / median spacing")
     batch_size: int = Field(16, ge=1)
-    runtime: Literal["auto", "keras", "tflite"] = Field(
-        "auto", description="auto: LiteRT/XNNPACK when it matches Keras at load, else Keras"
-    )
 
 
 class CatchUpSettings(_Strict):
@@ -178,31 +174,7 @@ class CatchUpSettings(_Strict):
 
 
 class WebSettings(_Strict):
-    """The web console (dashboard, /classify, /metrics, /model) served by the node process."""
-
-    enabled: bool = True
-    bind_address: str = "127.0.0.1"
-    port: Port = 8080
-    password: SecretStr | None = Field(
-        None, description="HTTP basic auth password (any user name); required off loopback"
-    )
-    max_upload_mb: float = Field(300.0, gt=0, description="largest upload /classify accepts")
-
-    @field_validator("bind_address")
-    @classmethod
-    def _ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
-
-    @model_validator(mode="after")
-    def _password_off_loopback(self) -> WebSettings:
-        if self.enabled and self.password is None:
-            if not ipaddress.ip_address(self.bind_address).is_loopback:
-                raise ValueError(
-                    f"web.password: required when web.bind_address is {self.bind_address!r} "
-                    "(not a loopback address); set a password or bind to 127.0.0.1"
-                )
-        return self
+    enabled: bool = False
 
 
 class Settings(_Strict):
@@ -216,7 +188,6 @@ class Settings(_Strict):
     analysis: AnalysisSettings = AnalysisSettings()
     model_dir: Path = Path("models/covid-ct/current")
     catch_up: CatchUpSettings = CatchUpSettings()
-    web: WebSettings = WebSettings()
     scheduler_tick_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
