@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -174,7 +175,31 @@ class CatchUpSettings(_Strict):
 
 
 class WebSettings(_Strict):
-    enabled: bool = False
+    """The web console (dashboard, /classify, /metrics, /model) served by the node process."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: Port = 8080
+    password: SecretStr | None = Field(
+        None, description="HTTP basic auth password (any user name); required off loopback"
+    )
+    max_upload_mb: float = Field(300.0, gt=0, description="largest upload /classify accepts")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _password_off_loopback(self) -> WebSettings:
+        if self.enabled and self.password is None:
+            if not ipaddress.ip_address(self.bind_address).is_loopback:
+                raise ValueError(
+                    f"web.password: required when web.bind_address is {self.bind_address!r} "
+                    "(not a loopback address); set a password or bind to 127.0.0.1"
+                )
+        return self
 
 
 class Settings(_Strict):
@@ -188,6 +213,7 @@ class Settings(_Strict):
     analysis: AnalysisSettings = AnalysisSettings()
     model_dir: Path = Path("models/covid-ct/current")
     catch_up: CatchUpSettings = CatchUpSettings()
+    web: WebSettings = WebSettings()
     scheduler_tick_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")

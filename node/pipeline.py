@@ -18,7 +18,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node import jobs
+from node import jobs, metrics
 from node.config import Settings
 from node.db import Instance, Job, JobStage, JobState
 from node.errors import InferenceFailed, NodeError, SendFailed, SeriesRejected
@@ -117,6 +117,7 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
         ctx.settings.results.outbox_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sr_path, ctx.settings.results.outbox_dir / sr_path.name)
     elapsed = time.perf_counter() - started
+    metrics.ANALYSIS_SECONDS.observe(elapsed)
     jobs.analysed(
         ctx.sessions,
         job.job_id,
@@ -155,6 +156,7 @@ def deliver(job: jobs.ClaimedJob, sr_path: Path, ctx: Context) -> str:
     try:
         store_files([sr_path], ctx.settings.peer(target), ctx.settings.node.ae_title)
     except (SendFailed, NodeError, OSError) as exc:
+        metrics.DELIVERY_FAILURES.inc()
         state = jobs.delivery_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
         logger.warning(
             "job %d series %s: delivery to %s failed (attempt %d, now %s): %s",

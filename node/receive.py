@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import sessionmaker
 
+from node import metrics
 from node.config import Settings, TLSSettings
 from node.errors import ConfigError, InvalidInstance
 from node.spool import Spool, check_uid
@@ -151,6 +152,7 @@ def handle_store(
     except InvalidInstance as exc:
         logger.warning("refused instance %s from %s: %s", sop_uid[:64], calling_ae, exc)
         counters["refused"] = counters.get("refused", 0) + 1
+        metrics.INSTANCES_RECEIVED.labels("refused").inc()
         return CANNOT_UNDERSTAND
     except Exception:
         logger.exception("unexpected error parsing instance %s", sop_uid[:64])
@@ -175,6 +177,7 @@ def handle_store(
             path.unlink(missing_ok=True)
         counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
         return OUT_OF_RESOURCES
+    metrics.INSTANCES_RECEIVED.labels("duplicate" if recorded.duplicate else "stored").inc()
     counters["stored"] = counters.get("stored", 0) + (0 if recorded.duplicate else 1)
     counters["duplicates"] = counters.get("duplicates", 0) + (1 if recorded.duplicate else 0)
     logger.debug(

@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,6 +23,9 @@ from node.schedule import make_scheduler
 from node.spool import Spool
 from node.tracking import restart_quiet_timers
 
+if TYPE_CHECKING:
+    from node.web.server import WebServer
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,8 +35,11 @@ class Running:
     server: ThreadedAssociationServer
     scheduler: BackgroundScheduler
     counters: dict[str, int]
+    web: WebServer | None = None  # the web console, when enabled and bound
 
     def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.server.shutdown()
         self.scheduler.shutdown(wait=True)
         logger.info("stopped")
@@ -64,7 +70,9 @@ def start(settings: Settings) -> Running:
     scheduler = make_scheduler(ctx, extra)
     server = start_receiver(settings, spool, sessions, counters)
     scheduler.start()
-    return Running(ctx, server, scheduler, counters)
+    from node.web.server import start_console
+
+    return Running(ctx, server, scheduler, counters, start_console(ctx))
 
 
 def serve(settings: Settings) -> None:

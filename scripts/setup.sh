@@ -2,7 +2,7 @@
 # Idempotent machine setup: Debian packages the node and its tests need, then a venv with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS=(orthanc dcmtk dicom3tools libtcmalloc-minimal4 openssl)
+APT_PKGS=(orthanc dcmtk dicom3tools libtcmalloc-minimal4 openssl chromium chromium-driver)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,193 @@
+"""Web console, dashboard: what the node holds and does, and the two admin actions.
+
+Rows show descriptive, non-identifying tags only (study date, series description, sender AE,
+UIDs): never patient name, ID or birth date, which the database does not hold anyway.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
+
+logger = logging.getLogger(__name__)
+
+#: Display states, in pipeline order (the legend and the summary use this order).
+STATES = (
+    "receiving",
+    "complete",
+    "rejected",
+    "queued",
+    "running",
+    "reported",
+    "delivered",
+    "failed",
+)
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_id: int
+    series_instance_uid: str
+    study_date: str
+    series_description: str
+    modality: str
+    sender: str
+    instances: int
+    version: int
+    state: str
+    detail: str
+    last_received_at: dt.datetime
+    job_id: int | None = None
+    finding: str = ""
+    analysed: bool | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    series_score: float | None = None
+    model: str = ""
+    turnaround_s: float | None = None
+    attempts: int = 0
+
+    @property
+    def can_retry(self) -> bool:
+        return self.state == "failed" and self.job_id is not None
+
+    @property
+    def can_rerun(self) -> bool:
+        return self.state in ("rejected", "reported", "delivered", "failed", "complete")
+
+
+def display_state(series: Series, job: Job | None) -> tuple[str, str]:
+    """One state for a series version and its job, with the reason or error to show."""
+    if series.state == SeriesState.RECEIVING:
+        return "receiving", ""
+    if series.state == SeriesState.REJECTED:
+        return "rejected", series.reject_reason
+    if job is None:
+        return "complete", ""
+    if job.state == JobState.FAILED:
+        return "failed", job.last_error
+    if job.stage == JobStage.ANALYSE:
+        return ("running" if job.state == JobState.RUNNING else "queued"), "analysis"
+    if job.state == JobState.DONE:
+        return (
+            ("delivered", "") if job.delivered_at is not None else ("reported", "SR kept locally")
+        )
+    if job.state == JobState.RUNNING:
+        return "running", "sending the SR"
+    return "reported", job.last_error or "SR waiting to be sent"
+
+
+def _row(series: Series, job: Job | None, now: dt.datetime) -> SeriesRow:
+    state, detail = display_state(series, job)
+    extra: dict[str, Any] = {}
+    if job is not None:
+        verdict: dict[str, Any] = json.loads(job.verdict_json) if job.verdict_json else {}
+        extra = {
+            "job_id": job.id,
+            "attempts": job.attempts,
+            "finding": job.finding,
+            "analysed": None if job.analysed is None else bool(job.analysed),
+            "probabilities": dict(verdict.get("probabilities") or {}),
+            "series_score": job.series_score,
+            "model": f"{job.model_name} {job.model_version}".strip(),
+        }
+        if job.analysed == 0 and verdict.get("reason"):
+            detail = f"not analysed: {verdict['reason']}"
+        if job.delivered_at is not None:
+            extra["turnaround_s"] = (job.delivered_at - series.last_received_at).total_seconds()
+    return SeriesRow(
+        series_id=series.id,
+        series_instance_uid=series.series_instance_uid,
+        study_date=series.study_date,
+        series_description=series.series_description,
+        modality=series.modality,
+        sender=series.calling_ae,
+        instances=series.instance_count,
+        version=series.version,
+        state=state,
+        detail=detail,
+        last_received_at=series.last_received_at,
+        **extra,
+    )
+
+
+def recent_series(sessions: sessionmaker[Any], limit: int = 100) -> list[SeriesRow]:
+    """The latest series (by last instance received), each with the job of its current version."""
+    now = utcnow()
+    with sessions() as session:
+        rows = session.execute(
+            select(Series, Job)
+            .outerjoin(Job, (Job.series_id == Series.id) & (Job.series_version == Series.version))
+            .order_by(Series.last_received_at.desc())
+            .limit(limit)
+        ).all()
+    return [_row(series, job, now) for series, job in rows]
+
+
+def summary(rows: list[SeriesRow]) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    return counts
+
+
+def rerun_series(sessions: sessionmaker[Any], series_id: int) -> int:
+    """Analyse a series again with the model loaded now: a new series version with a new job.
+
+    The new SR names the previous one as its predecessor (as for a series reopened by new
+    instances).  Returns the new job id.
+
+    Raises
+    ------
+    ValueError
+        With the reason, when the series cannot be re-run now.
+    """
+    with sessions.begin() as session:
+        series = session.get(Series, series_id)
+        if series is None:
+            raise ValueError(f"no series with id {series_id}")
+        if series.state == SeriesState.RECEIVING:
+            raise ValueError("the series is still receiving; it is analysed when complete")
+        busy = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.series_id == series_id,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+            )
+        )
+        if busy:
+            raise ValueError("a job for this series is already queued or running")
+        kept = session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.series_id == series_id, Instance.purged == 0)
+        )
+        if not kept:
+            raise ValueError("its instances were purged from the spool: send it again")
+        series.version += 1
+        series.state = SeriesState.COMPLETE
+        series.reject_reason = ""
+        series.completed_at = utcnow()
+        job = Job(
+            series_id=series.id,
+            series_version=series.version,
+            state=JobState.QUEUED,
+            stage=JobStage.ANALYSE,
+        )
+        session.add(job)
+        session.flush()
+        logger.info(
+            "series %s re-run from the web console as version %d, job %d",
+            series.series_instance_uid,
+            series.version,
+            job.id,
+        )
+        return job.id
