@@ -162,7 +162,7 @@ def test_lua_forwards_stable_series_with_loop_guard(
 
         wait_for(both_stable, timeout=20, what="NODE and SR series stable in Orthanc")
         wait_for(
-            lambda: "loop guard" in orthanc.log_text() and "skip SR" in orthanc.log_text(),
+            lambda: "loop guard" in orthanc.log_text() and "forward: skip SR" in orthanc.log_text(),
             timeout=10, what="Lua skipping the NODE and SR series",
         )
         assert len(orthanc.get("/jobs")) == 1  # only the B40f forward
