@@ -40,7 +40,11 @@ def collect_series(paths: list[Path]) -> dict[str, list[Path]]:
 def classify_paths(
     paths: list[Path], settings: Settings, model_dir: Path, sr_dir: Path | None = None
 ) -> list[dict[str, object]]:
-    model = load_model(model_dir)
+    model = load_model(
+        model_dir,
+        runtime=settings.analysis.runtime,
+        cache_dir=settings.storage.spool_dir / ".models",
+    )
     results = []
     for series_uid, files in collect_series(paths).items():
         verdict, evidence = analyse_files(files, model, settings)

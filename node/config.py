@@ -164,6 +164,9 @@ class AnalysisSettings(_Strict):
     require_axial: bool = True
     max_gap_factor: float = Field(1.6, gt=1, description="largest allowed gap / median spacing")
     batch_size: int = Field(16, ge=1)
+    runtime: Literal["auto", "keras", "tflite"] = Field(
+        "auto", description="auto: LiteRT/XNNPACK when it matches Keras at load, else Keras"
+    )
 
 
 class CatchUpSettings(_Strict):

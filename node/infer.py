@@ -17,6 +17,7 @@ import numpy as np
 from node import preprocess
 from node.errors import InferenceFailed, ModelError, SeriesRejected
 from node.model_spec import MODEL_FILE, ModelSpec, SeriesRule, file_sha256, load_spec
+from node.runtime import RuntimeName, TFLiteRunner, select_runtime
 from node.series_check import SliceRef
 from node.verdict import AlgorithmInfo, SliceScore
 
@@ -30,6 +31,11 @@ class LoadedModel:
     spec: ModelSpec
     keras_model: Any
     directory: Path
+    runner: TFLiteRunner | None = None  # the faster runtime, when it matched Keras at load
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.name if self.runner is not None else "keras"
 
     @property
     def algorithm(self) -> AlgorithmInfo:
@@ -41,17 +47,31 @@ class LoadedModel:
             return np.zeros((0, len(self.spec.classes)), np.float32)
         x = batch[..., np.newaxis].astype(np.float32, copy=False)
         try:
+            if self.runner is not None:
+                return self.runner.predict(x)
             out = self.keras_model(x, training=False)
         except Exception as exc:
             raise InferenceFailed(f"model call failed: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
 
 
-def load_model(model_dir: Path, *, verify_hash: bool = True) -> LoadedModel:
-    """Load ``model.keras`` + ``model.json``; refuse a file whose sha256 differs from the spec."""
+def load_model(
+    model_dir: Path,
+    *,
+    verify_hash: bool = True,
+    runtime: RuntimeName = "keras",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load ``model.keras`` + ``model.json``; refuse a file whose sha256 differs from the spec.
+
+    ``runtime="auto"`` also converts the model to LiteRT (cached in ``cache_dir``) and uses it
+    when it matches Keras (``node.runtime``); ``"keras"`` never converts.
+    """
     spec = load_spec(model_dir)
-    if verify_hash and spec.sha256:
+    actual = ""
+    if (verify_hash and spec.sha256) or runtime != "keras":
         actual = file_sha256(model_dir / MODEL_FILE)
+    if verify_hash and spec.sha256:
         if actual != spec.sha256:
             raise ModelError(
                 f"{model_dir / MODEL_FILE}: sha256 {actual[:12]}... differs from model.json "
@@ -67,8 +87,15 @@ def load_model(model_dir: Path, *, verify_hash: bool = True) -> LoadedModel:
     expected = (None, spec.input_size, spec.input_size, 1)
     if tuple(model.input_shape) != expected:
         raise ModelError(f"model input shape {model.input_shape} differs from model.json {expected}")
-    logger.info("model %s %s loaded from %s", spec.name, spec.version, model_dir)
-    return LoadedModel(spec, model, model_dir)
+    runner = select_runtime(model, runtime, actual, cache_dir)
+    logger.info(
+        "model %s %s loaded from %s (runtime %s)",
+        spec.name,
+        spec.version,
+        model_dir,
+        runner.name if runner is not None else "keras",
+    )
+    return LoadedModel(spec, model, model_dir, runner)
 
 
 def score_slices(

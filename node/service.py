@@ -57,7 +57,11 @@ def start(settings: Settings) -> Running:
     """Start receiving and working; returns at once (everything runs in background threads)."""
     os.umask(0o077)  # spool, SRs, database, outbox: owner-only, whoever creates them
     sessions, spool = open_state(settings)
-    model = load_model(settings.model_dir)
+    model = load_model(
+        settings.model_dir,
+        runtime=settings.analysis.runtime,
+        cache_dir=settings.storage.spool_dir / ".models",
+    )
     ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
     jobs.requeue_interrupted(sessions)
     restart_quiet_timers(sessions)
