@@ -71,12 +71,11 @@ def load_model(
     actual = ""
     if (verify_hash and spec.sha256) or runtime != "keras":
         actual = file_sha256(model_dir / MODEL_FILE)
-    if verify_hash and spec.sha256:
-        if actual != spec.sha256:
-            raise ModelError(
-                f"{model_dir / MODEL_FILE}: sha256 {actual[:12]}... differs from model.json "
-                f"{spec.sha256[:12]}... (corrupted or replaced)"
-            )
+    if verify_hash and spec.sha256 and actual != spec.sha256:
+        raise ModelError(
+            f"{model_dir / MODEL_FILE}: sha256 {actual[:12]}... differs from model.json "
+            f"{spec.sha256[:12]}... (corrupted or replaced)"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # heavy import: only when a model is actually loaded
 

@@ -1,4 +1,4 @@
-"""Inference stage, runtime: run the Keras model through TFLite (LiteRT) with XNNPACK when it agrees.
+"""Inference stage, runtime: the Keras model in LiteRT (TFLite) with XNNPACK, when it agrees.
 
 Measured on the 2-core machines (``python -m bench inference``), the same network runs several
 times faster in the LiteRT interpreter with its default XNNPACK delegate than in Keras.  The Keras

@@ -1,4 +1,4 @@
-"""LiteRT runtime: agrees with Keras on the tiny model, is cached by sha256, falls back when it differs."""
+"""LiteRT runtime: agrees with Keras on the tiny model, cached by sha256, falls back on mismatch."""
 
 from __future__ import annotations
 
