@@ -10,15 +10,14 @@ Every image the model ever sees, in training or in the node, goes through this m
 
 The result is a float32 ``(size, size)`` array in [0, 1].  Scaling to what the backbone expects
 (ImageNet normalisation, three channels) is part of the Keras model, so this module depends on
-numpy, pydicom and Pillow (for 8-bit image files) only.  ``PREPROCESSING_VERSION`` is written into
-every model's ``model.json``; the node refuses a model made with a different version.
+numpy, pydicom and Pillow (8-bit image files, the resize) only.  ``PREPROCESSING_VERSION`` is
+written into every model's ``model.json``; the node refuses a model made with a different version.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -83,29 +82,20 @@ def apply_window(hu: np.ndarray, window: Window = LUNG_WINDOW) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
-@lru_cache(maxsize=32)
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Antialiased linear (triangle filter) resampling matrix of shape (n_out, n_in).
-
-    Same kernel as Pillow's BILINEAR: the triangle's support widens with the downscale factor, so
-    downsizing averages instead of aliasing.  Built once per size pair.
-    """
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centres = (np.arange(n_out) + 0.5) * scale
-    src = np.arange(n_in) + 0.5
-    weights = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centres[:, None]) / support)
-    weights /= weights.sum(axis=1, keepdims=True)
-    return weights.astype(np.float32)
-
-
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a 2-D float image to ``(size, size)`` with two matrix products."""
+    """Resize a 2-D float image to ``(size, size)``: antialiased linear (triangle) filter.
+
+    Pillow's BILINEAR on a float32 ("F") image: the triangle's support widens with the downscale
+    factor, so downsizing averages instead of aliasing.  It computes exactly what a dense
+    triangle-weight matrix product does (to float32 rounding, about 1e-7), about 3x faster for a
+    512 -> 224 slice, because it only visits the few taps in the kernel's support.
+    """
+    from PIL import Image
+
     if image.ndim != 2:
         raise ValueError(f"resize expects a 2-D image, got shape {image.shape}")
-    rows = _resize_matrix(image.shape[0], size)
-    cols = _resize_matrix(image.shape[1], size)
-    return (rows @ image.astype(np.float32, copy=False) @ cols.T).astype(np.float32, copy=False)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    return np.array(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def square_pad(image: np.ndarray, fill: float = 0.0) -> np.ndarray:
