@@ -136,6 +136,10 @@ class Console:
     async def index(self, request: Request) -> Response:
         context = await run_in_threadpool(self._series_context)
         context["message"] = request.query_params.get("msg", "")
+        try:  # ?refresh=N: refresh every N seconds (1..600)
+            context["refresh_s"] = min(600.0, max(1.0, float(request.query_params["refresh"])))
+        except (KeyError, ValueError):
+            context["refresh_s"] = REFRESH_S
         return self.templates.TemplateResponse(request, "dashboard.html", context)
 
     async def series_partial(self, request: Request) -> Response:

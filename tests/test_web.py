@@ -1,0 +1,315 @@
+"""Web console over HTTP, in-process: config guard, basic auth, /metrics, dashboard actions,
+/classify messages and limits, and the series SR download equal to the offline classify.
+
+The console runs as in the node (``start_web`` on a real socket, uvicorn in a thread) over a real
+SQLite database; requests go over loopback with ``requests``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.classify import classify_paths
+from node.config import Settings, load_settings
+from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
+from node.errors import ConfigError
+from node.infer import load_model
+from node.pipeline import Context
+from node.report import verdict_from_report
+from node.service import open_state
+from node.web.classify import UploadError, extract_zip
+from node.web.server import WebServer, start_web
+from tests.peers import TCIA_SIEMENS_B40F, free_port, require_shared_data, series_files
+
+Console = tuple[Context, str]
+
+
+def make_settings(tmp_path: Path, model_dir: Path, **web: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "storage": {
+                "spool_dir": str(tmp_path / "spool"),
+                "database_url": f"sqlite:///{tmp_path / 'node.sqlite3'}",
+            },
+            "results": {"send_to": None},
+            "model_dir": str(model_dir),
+            "web": {"port": free_port(), **web},
+        }
+    )
+
+
+@pytest.fixture
+def console_factory(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Callable[..., Console]]:
+    """`console_factory(**web settings) -> (ctx, base url)`; servers stop at teardown."""
+    servers: list[WebServer] = []
+    model = load_model(tiny_model_dir)
+
+    def factory(**web: Any) -> Console:
+        settings = make_settings(tmp_path / f"node{len(servers)}", tiny_model_dir, **web)
+        sessions, spool = open_state(settings)
+        ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
+        server = start_web(ctx)
+        servers.append(server)
+        return ctx, server.url.rstrip("/")
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+def seed_series(
+    ctx: Context,
+    uid: str,
+    *,
+    state: str = SeriesState.COMPLETE,
+    job: dict[str, Any] | None = None,
+    reason: str = "",
+) -> tuple[int, int | None]:
+    """One series row (current version 1) and optionally its job; returns (series id, job id)."""
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        series = Series(
+            study_instance_uid=f"{uid}.1",
+            series_instance_uid=uid,
+            modality="CT",
+            study_date="20200401",
+            series_description="Thorax 1.0 B40f",
+            calling_ae="ORTHANC",
+            instance_count=30,
+            state=state,
+            reject_reason=reason,
+            last_received_at=now - dt.timedelta(seconds=40),
+        )
+        session.add(series)
+        session.flush()
+        session.add(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid=f"{uid}.1.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"/spool/{uid}.dcm",
+                size=1,
+            )
+        )
+        job_id = None
+        if job is not None:
+            delivered = {"delivered_at": now} if job["state"] == JobState.DONE else {}
+            row = Job(series_id=series.id, series_version=1, **job, **delivered)
+            session.add(row)
+            session.flush()
+            job_id = row.id
+        return series.id, job_id
+
+
+DONE_POSITIVE = {
+    "state": JobState.DONE,
+    "stage": JobStage.DELIVER,
+    "analysed": 1,
+    "finding": "COVID-19",
+    "series_score": 0.81,
+    "verdict_json": '{"probabilities": {"non-COVID": 0.19, "COVID-19": 0.81}, "reason": ""}',
+    "model_name": "tiny-test-model",
+    "model_version": "0.0.1",
+}
+DONE_NEGATIVE = {**DONE_POSITIVE, "finding": "non-COVID", "series_score": 0.2}
+DEAD_LETTER = {
+    "state": JobState.FAILED,
+    "stage": JobStage.DELIVER,
+    "analysed": 1,
+    "finding": "COVID-19",
+    "attempts": 8,
+    "last_error": "delivery failed 8 times, last: association rejected",
+    "model_name": "tiny-test-model",
+    "model_version": "0.0.1",
+}
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_web_defaults_and_public_bind_needs_password(tmp_path: Path) -> None:
+    web = Settings.model_validate({"results": {"send_to": None}}).web
+    assert (web.enabled, web.bind_address, web.port, web.password) == (
+        True,
+        "127.0.0.1",
+        8080,
+        None,
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text("results: {send_to: null}\nweb: {bind_address: 0.0.0.0}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    assert "web.password" in str(refused.value) and "0.0.0.0" in str(refused.value)
+
+    config.write_text("results: {send_to: null}\nweb: {bind_address: 0.0.0.0, password: s3cret}\n")
+    settings = load_settings(config)
+    assert settings.web.password is not None
+    assert "s3cret" not in settings.model_dump_json()  # the startup log shows the settings
+
+
+# --- auth, metrics -------------------------------------------------------------------------------
+
+
+def test_basic_auth_guards_every_page(console_factory: Callable[..., Console]) -> None:
+    _, url = console_factory(password="s3cret")
+    for path in ("/", "/classify", "/metrics", "/model", "/static/style.css"):
+        refused = requests.get(url + path, timeout=10)
+        assert refused.status_code == 401, path
+        assert refused.headers["WWW-Authenticate"].startswith("Basic")
+        assert requests.get(url + path, auth=("any", "wrong"), timeout=10).status_code == 401
+        assert requests.get(url + path, auth=("admin", "s3cret"), timeout=10).status_code == 200
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_with_states_and_positive_rate(
+    console_factory: Callable[..., Console],
+) -> None:
+    ctx, url = console_factory()
+    seed_series(ctx, "1.2.3.1", job=DONE_POSITIVE)
+    seed_series(ctx, "1.2.3.2", job=DONE_NEGATIVE)
+    seed_series(ctx, "1.2.3.3", job=DEAD_LETTER)
+    seed_series(ctx, "1.2.3.4", state=SeriesState.REJECTED, reason="modality: 'MR'")
+    seed_series(ctx, "1.2.3.5", state=SeriesState.RECEIVING)
+
+    response = requests.get(url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    assert samples[("triage_series", (("state", "complete"),))] == 3
+    assert samples[("triage_series", (("state", "rejected"),))] == 1
+    assert samples[("triage_series", (("state", "receiving"),))] == 1
+    assert samples[("triage_jobs", (("stage", "deliver"), ("state", "done")))] == 2
+    assert samples[("triage_jobs", (("stage", "deliver"), ("state", "failed")))] == 1
+    model = (("model_name", "tiny-test-model"), ("model_version", "0.0.1"))
+    assert samples[("triage_positive_rate", model)] == pytest.approx(2 / 3)
+    assert samples[("triage_series_analysed", (("finding", "COVID-19"), *model))] == 2
+    for outcome in ("stored", "duplicate", "refused"):
+        assert ("triage_instances_received_total", (("outcome", outcome),)) in samples
+    assert ("triage_analysis_seconds_count", ()) in samples
+    assert ("triage_delivery_failures_total", ()) in samples
+
+
+# --- dashboard -----------------------------------------------------------------------------------
+
+
+def test_dashboard_rows_retry_and_rerun(console_factory: Callable[..., Console]) -> None:
+    ctx, url = console_factory()
+    delivered_id, _ = seed_series(ctx, "1.2.3.10", job=DONE_POSITIVE)
+    _, dead_job = seed_series(ctx, "1.2.3.11", job=DEAD_LETTER)
+    seed_series(ctx, "1.2.3.12", state=SeriesState.REJECTED, reason="modality: 'MR' not in ['CT']")
+
+    page = requests.get(url + "/", timeout=10).text
+    assert "delivered" in page and "COVID-19" in page and "0.81" in page
+    assert "association rejected" in page  # the dead letter's error
+    assert "modality: &#39;MR&#39; not in" in page  # the rejection reason
+    assert "2020-04-01" in page and "ORTHANC" in page and "Thorax 1.0 B40f" in page
+    assert f'action="/jobs/{dead_job}/retry"' in page
+    rows = {
+        r["series_instance_uid"]: r for r in requests.get(url + "/api/series", timeout=10).json()
+    }
+    assert rows["1.2.3.10"]["turnaround_s"] == pytest.approx(40, abs=5)
+
+    # retry the dead letter: the job is queued again at its stage
+    back = requests.post(url + f"/jobs/{dead_job}/retry", timeout=10)
+    assert back.status_code == 200 and f"job {dead_job} requeued" in back.text
+    with ctx.sessions() as session:
+        job = session.get(Job, dead_job)
+        assert job is not None and (job.state, job.stage, job.attempts) == ("queued", "deliver", 0)
+
+    # re-run the delivered series: a new version with a new analysis job
+    back = requests.post(url + f"/series/{delivered_id}/rerun", timeout=10)
+    assert "re-run queued as job" in back.text
+    with ctx.sessions() as session:
+        series = session.get(Series, delivered_id)
+        assert series is not None and series.version == 2
+        jobs = session.query(Job).filter(Job.series_id == delivered_id).all()
+        assert sorted((j.series_version, j.state, j.stage) for j in jobs) == [
+            (1, "done", "deliver"),
+            (2, "queued", "analyse"),
+        ]
+    again = requests.post(url + f"/series/{delivered_id}/rerun", timeout=10)
+    assert "already queued or running" in again.text
+
+    # a form posted from another site is refused
+    forged = requests.post(
+        url + f"/series/{delivered_id}/rerun", headers={"Origin": "http://evil.example"}, timeout=10
+    )
+    assert forged.status_code == 403
+
+
+# --- classify ------------------------------------------------------------------------------------
+
+
+def upload(url: str, name: str, data: bytes) -> requests.Response:
+    return requests.post(url + "/classify", files={"file": (name, data)}, timeout=300)
+
+
+def test_classify_refuses_unsupported_and_oversized(
+    console_factory: Callable[..., Console], tmp_path: Path
+) -> None:
+    _, url = console_factory(max_upload_mb=0.05)
+    text = upload(url, "notes.txt", b"hello, not an image")
+    assert text.status_code == 422
+    assert "notes.txt: unsupported file" in text.text and "PNG or JPEG" in text.text
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "no DICOM here")
+    nothing = upload(url, "series.zip", buffer.getvalue())
+    assert nothing.status_code == 422 and "holds no DICOM files" in nothing.text
+
+    big = upload(url, "big.png", b"\x89PNG\r\n\x1a\n" + bytes(200_000))
+    assert big.status_code == 413 and "web.max_upload_mb" in big.text
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.dcm", bytes(5_000_000))
+    with pytest.raises(UploadError, match="expands to"):
+        extract_zip(bomb, tmp_path / "out", max_bytes=1_000_000)
+
+
+def test_classify_series_zip_gives_the_node_verdict_and_sr(
+    console_factory: Callable[..., Console], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    require_shared_data(TCIA_SIEMENS_B40F)
+    ctx, url = console_factory()
+    files = series_files(TCIA_SIEMENS_B40F)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for f in files:
+            archive.write(f, f"series/{f.name}")
+    response = upload(url, "b40f.zip", buffer.getvalue())
+    assert response.status_code == 200, response.text[-2000:]
+    page = response.text
+    assert 'class="curve"' in page
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert str(source.PatientName) not in page
+
+    link = page.split('id="sr-download" href="', 1)[1].split('"', 1)[0]
+    sr_bytes = requests.get(url + link, timeout=30).content
+    sr = pydicom.dcmread(io.BytesIO(sr_bytes))
+    from_console = verdict_from_report(sr)
+    offline = classify_paths([TCIA_SIEMENS_B40F], ctx.settings, tiny_model_dir)[0]
+    assert from_console["finding"] == offline["finding"]
+    assert from_console["slices_analysed"] == offline["slices_analysed"]
+    assert page.count('alt="slice ') == len(offline["top_slices"])  # type: ignore[arg-type]
+    for name, value in offline["probabilities"].items():  # type: ignore[union-attr]
+        assert any(abs(v - value) < 1e-5 for v in from_console["probabilities"].values()), name
