@@ -54,7 +54,10 @@ class SeriesVerdict:
             "series_version": self.series_version,
             "analysed": self.analysed,
             "finding": self.finding,
-            "probabilities": dict(zip(self.classes, self.probabilities, strict=True)),
+            # a not-analysed verdict has no probabilities
+            "probabilities": dict(zip(self.classes, self.probabilities, strict=True))
+            if self.probabilities
+            else {},
             "series_score": self.series_score,
             "rule": self.rule,
             "slices_total": self.slices_total,
