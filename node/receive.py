@@ -109,8 +109,30 @@ def parse_instance(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> In
         raise InvalidInstance(
             f"SOPClassUID {header.sop_class_uid} differs from AffectedSOPClassUID {sop_class_uid}"
         )
+    _check_encoding(data, UID(header.transfer_syntax_uid))
     _check_pixel_data(ds, data, UID(header.transfer_syntax_uid))
     return header
+
+
+def _check_encoding(data: bytes, ts: UID) -> None:
+    """Refuse a dataset encoded otherwise than its transfer syntax says.
+
+    pydicom silently switches to the VR encoding it finds, so a sender that announces Explicit
+    VR but sends Implicit VR (or the reverse) would be spooled as a file other readers reject.
+    The first element after the file meta tells: in explicit VR bytes 4-5 are the VR letters.
+    """
+    if not ts.is_transfer_syntax:
+        raise InvalidInstance(f"transfer syntax {ts!r} is not a known transfer syntax")
+    if ts.is_deflated or len(data) < 144 or data[128:132] != b"DICM":
+        return
+    start = 144 + int.from_bytes(data[140:144], "little")  # after (0002,0000) group length
+    vr = data[start + 4 : start + 6]
+    if len(vr) < 2:
+        return
+    explicit = vr.isalpha() and vr.isupper()
+    if explicit == ts.is_implicit_VR:
+        found = "explicit" if explicit else "implicit"
+        raise InvalidInstance(f"dataset is encoded with {found} VR, not as its transfer syntax {ts.name}")
 
 
 def _check_pixel_data(ds: Dataset, data: bytes, ts: UID) -> None:
