@@ -1,4 +1,4 @@
-"""Benchmarks, shared helpers: the real 300-slice series, the model under test, timing, machine facts.
+"""Benchmarks, shared helpers: the real 300-slice series, the model under test, timing, machine.
 
 The series is built in a temporary folder from real slices in ``../shared/data`` (never copied into
 the repository): the 30-slice TCIA Siemens B40f series, cycled, each copy re-identified with new
@@ -205,4 +205,8 @@ def emit(result: dict[str, Any]) -> None:
 
 def target(value: float, limit: float, *, at_least: bool) -> dict[str, Any]:
     holds = value >= limit if at_least else value <= limit
-    return {"value": rounded(value), "target": f"{'>=' if at_least else '<='} {limit:g}", "holds": holds}
+    return {
+        "value": rounded(value),
+        "target": f"{'>=' if at_least else '<='} {limit:g}",
+        "holds": holds,
+    }

@@ -1,4 +1,4 @@
-"""Benchmark 4, end to end: Orthanc (as PACS) forwards a 300-slice series to the node, SR comes back.
+"""Benchmark 4, end to end: Orthanc (as PACS) forwards a 300-slice series, the node sends the SR.
 
 A real Orthanc with the Lua ``OnStableSeries`` forward (``tests/peers.py``) receives the series
 from ``storescu`` and sends it to the node process in one association; the node completes the
@@ -105,7 +105,10 @@ def run(quick: bool) -> dict[str, Any]:
             from tests.models import make_tiny_model
 
             (work / "tiny").mkdir()
-            model_dir, description = make_tiny_model(work / "tiny", ["non-COVID", "COVID-19"]), "tiny test model"
+            model_dir, description = (
+                make_tiny_model(work / "tiny", ["non-COVID", "COVID-19"]),
+                "tiny test model",
+            )
         else:
             model_dir, description = model_under_test(work)
         node_port = free_port()
@@ -129,15 +132,27 @@ def run(quick: bool) -> dict[str, Any]:
                 extra={"scheduler_tick_s": TICK_S},
             )
             node = NodeProcess(config, node_port).start(timeout=300)
-            results = [one_run(orthanc, node, work, count, f"bench-e2e-{r}-{time.time()}") for r in range(runs)]
+            results = [
+                one_run(orthanc, node, work, count, f"bench-e2e-{r}-{time.time()}")
+                for r in range(runs)
+            ]
             runtime_line = [
-                line for line in node.log_text().splitlines() if "runtime" in line and "loaded" in line
+                line
+                for line in node.log_text().splitlines()
+                if "runtime" in line and "loaded" in line
             ]
         finally:
             if node is not None:
                 node.stop()
             orthanc.cleanup()
-    keys = ("total_s", "quiet_timer_s", "after_quiet_s", "worker_wait_s", "analysis_s", "delivery_s")
+    keys = (
+        "total_s",
+        "quiet_timer_s",
+        "after_quiet_s",
+        "worker_wait_s",
+        "analysis_s",
+        "delivery_s",
+    )
     summary = {k: rounded(median([r[k] for r in results])) for k in keys}
     return {
         "model": description,
@@ -147,7 +162,9 @@ def run(quick: bool) -> dict[str, Any]:
         "series_quiet_seconds": QUIET_S,
         "scheduler_tick_s": TICK_S,
         "median": summary,
-        "all_runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in results],
+        "all_runs": [
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in results
+        ],
         "targets": {"after_quiet_s": target(summary["after_quiet_s"], 10.0, at_least=False)},
     }
 

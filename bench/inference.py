@@ -2,9 +2,9 @@
 
 The model under test is the shipped model when ``models/`` has one, else a stand-in of the same
 architecture (see ``bench.common.model_under_test``; the JSON says which).  Inputs are real slices
-of the benchmark series, preprocessed by ``node.preprocess``.  Every (runtime, batch) runs in its own
-process through ``node.infer.LoadedModel.predict`` (the node's own call), so each peak RSS is that
-of a node-like process: Python + TensorFlow + the Keras model (+ the LiteRT interpreter).  The
+of the benchmark series, preprocessed by ``node.preprocess``.  Every (runtime, batch) runs in its
+own process through ``node.infer.LoadedModel.predict`` (the node's own call), so each peak RSS is
+that of a node-like process: Python + TensorFlow + the Keras model (+ the LiteRT interpreter).  The
 thesis's EfficientNetB7 at 512 px (random weights, ``keras.applications``) runs a few slices only.
 
 ``python -m bench.inference [--quick]`` prints one JSON line.
@@ -79,7 +79,10 @@ def child_agreement(args: argparse.Namespace) -> dict[str, Any]:
     x = np.load(args.inputs)
     fast = load_model(Path(args.model), runtime="tflite", cache_dir=Path(args.cache))
     keras_probs = np.concatenate(
-        [np.asarray(fast.keras_model(x[i : i + 16, ..., None], training=False)) for i in range(0, len(x), 16)]
+        [
+            np.asarray(fast.keras_model(x[i : i + 16, ..., None], training=False))
+            for i in range(0, len(x), 16)
+        ]
     )
     fast_probs = np.concatenate([fast.predict(x[i : i + 16]) for i in range(0, len(x), 16)])
     return {
@@ -118,7 +121,14 @@ def run(quick: bool) -> dict[str, Any]:
         size = load_spec(model_dir).input_size
         inputs = work / "inputs.npy"
         prepare_inputs(inputs, count, size)
-        common = ["--model", str(model_dir), "--cache", str(work / "cache"), "--inputs", str(inputs)]
+        common = [
+            "--model",
+            str(model_dir),
+            "--cache",
+            str(work / "cache"),
+            "--inputs",
+            str(inputs),
+        ]
         agreement = run_child("bench.inference", ["--child", "agreement", *common])
         configs: list[dict[str, Any]] = []
         for runtime in ("keras", "tflite"):
@@ -137,7 +147,9 @@ def run(quick: bool) -> dict[str, Any]:
         b7 = None if quick else run_child("bench.inference", ["--child", "b7", "--slices", "2"])
     fast = [c for c in configs if c["runtime"] == "tflite"]
     best = max(fast or configs, key=lambda c: c["slices_per_s"])
-    keras_best = max((c for c in configs if c["runtime"] == "keras"), key=lambda c: c["slices_per_s"])
+    keras_best = max(
+        (c for c in configs if c["runtime"] == "keras"), key=lambda c: c["slices_per_s"]
+    )
     node_batch = next((c for c in fast if c["batch"] == 16), best)
     return {
         "model": description,
@@ -150,7 +162,9 @@ def run(quick: bool) -> dict[str, Any]:
         "targets": {
             "slices_per_s_node_batch_16": target(node_batch["slices_per_s"], 60, at_least=True),
             "max_abs_prob_diff": target(agreement["max_abs_prob_diff"], 1e-3, at_least=False),
-            "peak_rss_mb_gb_node_batch_16": target(node_batch["peak_rss_mb"] / 1024, 1.5, at_least=False),
+            "peak_rss_mb_gb_node_batch_16": target(
+                node_batch["peak_rss_mb"] / 1024, 1.5, at_least=False
+            ),
         },
     }
 
@@ -158,7 +172,9 @@ def run(quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", choices=("throughput", "agreement", "b7"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("throughput", "agreement", "b7"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--runtime", default="keras")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)

@@ -52,14 +52,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 @contextlib.contextmanager
 def storescp(out_dir: Path) -> Iterator[tuple[int, str]]:
-    """DCMTK storescp writing every instance to ``out_dir`` (its default, non-bit-preserving mode)."""
+    """DCMTK storescp writing every instance to ``out_dir`` (default, not bit-preserving, mode)."""
     from tests.peers import dcmtk_env, free_port
     from tests.tools import require_tool
 
     port = free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [require_tool("storescp"), "-aet", "STORESCP", "-od", str(out_dir), str(port)]
-    proc = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_port(port, proc)
         yield port, "STORESCP"
@@ -98,7 +100,7 @@ def serve_bare(port: int, out_dir: Path) -> None:
 
     def handle_store(event: Event) -> int:
         data = event.encoded_dataset(include_meta=True)
-        (out_dir / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(data)
+        (out_dir / f"{getattr(event.request, 'AffectedSOPInstanceUID', 'x')}.dcm").write_bytes(data)
         return 0
 
     ae = AE(ae_title="BARE")
@@ -140,21 +142,23 @@ def send(folder: Path, port: int, aec: str) -> float:
 
 def handler_breakdown(paths: list[Path], workdir: Path) -> dict[str, float]:
     """Milliseconds per instance of the node's C-STORE handler steps, without the network."""
+    import pydicom
+
     from node.db import make_engine, make_sessionmaker
     from node.receive import parse_instance
     from node.spool import Spool
     from node.tracking import record_instance
 
     blobs = [p.read_bytes() for p in paths]
-    headers = []
-    import pydicom
-
+    headers: list[Any] = []
     uids = []
-    for blob, path in zip(blobs, paths, strict=True):
+    for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         uids.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
     parse = time_call(
-        lambda: headers.extend(parse_instance(b, c, s) for b, (c, s) in zip(blobs, uids, strict=True))
+        lambda: headers.extend(
+            parse_instance(b, c, s) for b, (c, s) in zip(blobs, uids, strict=True)
+        )
     )
     spool = Spool(workdir / "spool")
     written: list[Path] = []
@@ -195,7 +199,11 @@ def run(quick: bool) -> dict[str, Any]:
                 folder = root / f"series{r}"
                 paths = build_series(folder, count, seed=f"bench-ingest-{r}-{time.time()}")
                 size = series_bytes(paths)
-                for name, (port, aec) in (("storescp", dcmtk), ("bare_pynetdicom", bare), ("node", ours)):
+                for name, (port, aec) in (
+                    ("storescp", dcmtk),
+                    ("bare_pynetdicom", bare),
+                    ("node", ours),
+                ):
                     times[name].append(send(folder, port, aec))
                 for out in (root / "storescp-out", root / "bare-out"):
                     shutil.rmtree(out)
@@ -215,7 +223,9 @@ def run(quick: bool) -> dict[str, Any]:
     paired = [s / n for s, n in zip(times["storescp"], times["node"], strict=True)]
     result["ratio_node_to_storescp"] = rounded(rates["node"] / rates["storescp"])
     result["ratio_node_to_storescp_paired_median"] = rounded(median(paired))
-    result["ratio_bare_pynetdicom_to_storescp"] = rounded(rates["bare_pynetdicom"] / rates["storescp"])
+    result["ratio_bare_pynetdicom_to_storescp"] = rounded(
+        rates["bare_pynetdicom"] / rates["storescp"]
+    )
     result["node_handler_ms_per_instance"] = breakdown
     result["targets"] = {"ratio_node_to_storescp": target(median(paired), 0.6, at_least=True)}
     return result

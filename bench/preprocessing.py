@@ -74,7 +74,9 @@ def dense_resize(image: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 def resize_comparison(paths: list[Path], runs: int) -> dict[str, float]:
     """Milliseconds per slice for the resize alone: Pillow (now) vs dense matrices (before)."""
-    images = [preprocess.apply_window(preprocess.hounsfield(preprocess.read_dicom(p))) for p in paths]
+    images = [
+        preprocess.apply_window(preprocess.hounsfield(preprocess.read_dicom(p))) for p in paths
+    ]
     out = {}
     for name, fn in (("pillow_ms", preprocess.resize), ("dense_matrix_before_ms", dense_resize)):
         fn(images[0], SIZE)
@@ -97,9 +99,7 @@ def run(quick: bool) -> dict[str, Any]:
             subset = paths[r * loop_slices : (r + 1) * loop_slices]
             loop_times.append(time_call(lambda s=subset: [thesis_slice(p) for p in s]))
         resize_ms = resize_comparison(paths[:30], runs)
-        agreement = max(
-            float(np.abs(thesis_slice(p) - node_slice(p)).max()) for p in paths[:1]
-        )
+        agreement = max(float(np.abs(thesis_slice(p) - node_slice(p)).max()) for p in paths[:1])
     vec_rate = slices / median(vec_times)
     loop_rate = loop_slices / median(loop_times)
     return {
