@@ -7,6 +7,7 @@ non-axial or mixed orientations, gaps, duplicate positions, mixed sizes, multi-f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def read_headers(paths: list[Path]) -> list[tuple[Path, Dataset]]:
     if unreadable:
         logger.warning("%d unreadable file(s) ignored: %s", len(unreadable), unreadable[:5])
     return headers
+
+
+def _numbers(ds: Dataset, keyword: str, count: int) -> list[float]:
+    """``count`` finite numbers from ``keyword``, or SeriesRejected naming the attribute."""
+    value = ds.get(keyword)
+    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesRejected(f"{keyword} is not numeric") from exc
+    if len(numbers) != count or not all(math.isfinite(n) for n in numbers):
+        raise SeriesRejected(f"{keyword} must hold {count} finite number(s), has {len(numbers)}")
+    return numbers
 
 
 def order_and_check(
@@ -92,7 +106,11 @@ def _order_and_check(
             f"{len(no_rescale)} slice(s) lack Rescale Slope/Intercept; "
             "Hounsfield units cannot be computed"
         )
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    for _, ds in headers:
+        slope, intercept = _numbers(ds, "RescaleSlope", 1), _numbers(ds, "RescaleIntercept", 1)
+        if slope[0] == 0:
+            raise SeriesRejected("Rescale Slope is 0: Hounsfield units cannot be computed")
+    orientations = np.array([_numbers(ds, "ImageOrientationPatient", 6) for _, ds in headers])
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise SeriesRejected("slices have different orientations (mixed or reformatted series)")
     row, col = orientations[0][:3], orientations[0][3:]
@@ -108,10 +126,15 @@ def _order_and_check(
         raise SeriesRejected(
             f"slice size {rows} x {columns} is outside 1..{MAX_DIMENSION} pixels per side"
         )
-    thicknesses = {round(float(ds.get("SliceThickness", 0) or 0), 2) for _, ds in headers}
+    thicknesses = {
+        round(_numbers(ds, "SliceThickness", 1)[0], 2) if ds.get("SliceThickness") else 0.0
+        for _, ds in headers
+    }
     if len(thicknesses) > 1:
         raise SeriesRejected(f"slices have different thicknesses {sorted(thicknesses)} mm")
-    z = np.array([float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for _, ds in headers])
+    z = np.array(
+        [float(np.dot(normal, _numbers(ds, "ImagePositionPatient", 3))) for _, ds in headers]
+    )
     order = np.argsort(z, kind="stable")
     z_sorted = z[order]
     if len(z_sorted) >= 2:

@@ -310,7 +310,11 @@ CASES = [
     Case(sagittal_reformat, outcome="not analysed", reason="sagittal, not axial"),
     Case(mixed_orientations, outcome="not analysed", reason="different orientations"),
     Case(mixed_thickness, outcome="not analysed", reason="different thicknesses"),
-    Case(unreadable_geometry, outcome="not analysed", reason="cannot be read"),
+    Case(
+        unreadable_geometry,
+        outcome="not analysed",
+        reason="ImageOrientationPatient is not numeric",
+    ),
     Case(enhanced_ct_multiframe, outcome="not analysed", reason="Enhanced CT"),
     Case(
         charset("latin1", "ISO_IR 100", "Tórax Simple", PHI_NAMES[0]),
