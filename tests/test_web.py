@@ -279,6 +279,14 @@ def test_classify_refuses_unsupported_and_oversized(
     big = upload(url, "big.png", b"\x89PNG\r\n\x1a\n" + bytes(200_000))
     assert big.status_code == 413 and "web.max_upload_mb" in big.text
 
+    forged = requests.post(
+        url + "/classify",
+        files={"file": ("a.png", b"x")},
+        headers={"Origin": "http://evil.example"},
+        timeout=10,
+    )
+    assert forged.status_code == 403
+
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("a.dcm", bytes(5_000_000))
@@ -307,9 +315,9 @@ def test_classify_series_zip_gives_the_node_verdict_and_sr(
     sr_bytes = requests.get(url + link, timeout=30).content
     sr = pydicom.dcmread(io.BytesIO(sr_bytes))
     from_console = verdict_from_report(sr)
-    offline = classify_paths([TCIA_SIEMENS_B40F], ctx.settings, tiny_model_dir)[0]
+    offline: dict[str, Any] = classify_paths([TCIA_SIEMENS_B40F], ctx.settings, tiny_model_dir)[0]
     assert from_console["finding"] == offline["finding"]
     assert from_console["slices_analysed"] == offline["slices_analysed"]
-    assert page.count('alt="slice ') == len(offline["top_slices"])  # type: ignore[arg-type]
-    for name, value in offline["probabilities"].items():  # type: ignore[union-attr]
+    assert page.count('alt="slice ') == len(offline["top_slices"])
+    for name, value in offline["probabilities"].items():
         assert any(abs(v - value) < 1e-5 for v in from_console["probabilities"].values()), name

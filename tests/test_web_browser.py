@@ -246,7 +246,11 @@ def test_classify_a_slice_image_and_a_dicom_file(web_node: WebNode, page: Any) -
     assert page.eval_on_selector("img.slice", "img => img.naturalWidth") > 0
     screenshot(page, "classify_slice")
 
-    dicom = series_files(CTMD_COVID)[len(series_files(CTMD_COVID)) // 2]
+    by_position = sorted(
+        series_files(CTMD_COVID),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
+    dicom = by_position[len(by_position) // 2]  # mid-chest
     classify_in_page(page, web_node.url, dicom)
     assert "lung window" in page.inner_text("#result figcaption")
     assert sum(bar_values(page).values()) == pytest.approx(1.0, abs=1e-3)

@@ -186,6 +186,8 @@ class Console:
         )
 
     async def classify(self, request: Request) -> Response:
+        if not self._same_origin(request):
+            return PlainTextResponse("cross-origin request refused", 403)
         limit = int(self.ctx.settings.web.max_upload_mb * 2**20)
         context: dict[str, Any] = {"limit_mb": self.ctx.settings.web.max_upload_mb}
         declared = int(request.headers.get("content-length") or 0)
