@@ -50,6 +50,7 @@ def node_config(
         "series_quiet_seconds": quiet_s,
         "model_dir": str(model_dir),
         "scheduler_tick_s": 0.5,
+        "web": {"enabled": False},  # tests that want the console pass their own web: section
     }
     for key, value in (extra or {}).items():
         config[key] = value
