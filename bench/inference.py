@@ -95,6 +95,35 @@ def child_agreement(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_overlap(args: argparse.Namespace) -> dict[str, Any]:
+    """``score_slices`` on a real series: preprocessing overlapped with inference (the node now)
+    vs one after the other (before), alternately in one process."""
+    from node.infer import _prepare, load_model, score_slices
+    from node.series_check import order_and_check, read_headers
+
+    model = load_model(Path(args.model), runtime="auto", cache_dir=Path(args.cache))
+    with tempfile.TemporaryDirectory(prefix="bench-overlap-") as tmp:
+        paths = build_series(Path(tmp) / "series", args.slices, seed="bench-overlap")
+        refs = order_and_check(read_headers(paths), require_axial=True, max_gap_factor=1.6)
+
+        def sequential() -> None:
+            _, inputs = _prepare(model.spec, refs)
+            for i in range(0, len(inputs), 16):
+                model.predict(np.stack(inputs[i : i + 16]))
+
+        score_slices(model, refs, 16)  # warm-up
+        before, after = [], []
+        for _ in range(args.runs):
+            before.append(time_call(sequential))
+            after.append(time_call(lambda: score_slices(model, refs, 16)))
+    return {
+        "runtime": model.runtime,
+        "slices": args.slices,
+        "sequential_before_s": rounded(median(before)),
+        "overlapped_s": rounded(median(after)),
+    }
+
+
 def child_b7(args: argparse.Namespace) -> dict[str, Any]:
     """The thesis's EfficientNetB7 at 512 px, random weights, batch 1."""
     import keras
@@ -153,6 +182,18 @@ def run(quick: bool) -> dict[str, Any]:
                     env={"LD_PRELOAD": str(TCMALLOC)},
                 )
             )
+        overlap = run_child(
+            "bench.inference",
+            [
+                "--child",
+                "overlap",
+                "--slices",
+                str(30 if quick else 300),
+                "--runs",
+                str(runs),
+                *common,
+            ],
+        )
         b7 = None if quick else run_child("bench.inference", ["--child", "b7", "--slices", "2"])
     fast = [c for c in configs if c["runtime"] == "tflite"]
     best = max(fast or configs, key=lambda c: c["slices_per_s"])
@@ -166,6 +207,7 @@ def run(quick: bool) -> dict[str, Any]:
         "configs": configs,
         "agreement": agreement,
         "b7_baseline": b7,
+        "score_slices_overlap": overlap,
         "speedup_fastest_vs_best_keras": rounded(best["slices_per_s"] / keras_best["slices_per_s"]),
         "node": {k: node_config[k] for k in ("runtime", "batch", "invoke_batch", "slices_per_s")},
         "targets": {
@@ -180,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--child", choices=("throughput", "agreement", "b7"), help=argparse.SUPPRESS
+        "--child", choices=("throughput", "agreement", "overlap", "b7"), help=argparse.SUPPRESS
     )
     parser.add_argument("--runtime", default="keras")
     parser.add_argument("--batch", type=int, default=16)
@@ -195,6 +237,8 @@ def main() -> None:
         emit(child_throughput(args))
     elif args.child == "agreement":
         emit(child_agreement(args))
+    elif args.child == "overlap":
+        emit(child_overlap(args))
     elif args.child == "b7":
         emit(child_b7(args))
     else:

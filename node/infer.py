@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,12 @@ def load_model(
     return LoadedModel(spec, model, model_dir, runner)
 
 
-def score_slices(
-    model: LoadedModel, slices: list[SliceRef], batch_size: int
-) -> tuple[list[SliceScore], int]:
-    """Select slices with lung, preprocess them as training did, and classify them in batches.
-
-    Returns the scores of the selected slices (body-axis order) and the number of slices read.
-    """
-    spec = model.spec
+def _prepare(spec: ModelSpec, refs: list[SliceRef]) -> tuple[list[SliceRef], list[np.ndarray]]:
+    """Read ``refs``, keep the slices with enough lung, and preprocess them as training did."""
     window = spec.window.as_window()
     selected: list[SliceRef] = []
     inputs: list[np.ndarray] = []
-    for ref in slices:
+    for ref in refs:
         ds = preprocess.read_dicom(ref.path)
         try:
             hu = preprocess.hounsfield(ds)
@@ -118,17 +113,37 @@ def score_slices(
             continue
         selected.append(ref)
         inputs.append(preprocess.hu_to_input(hu, spec.input_size, window))
+    return selected, inputs
+
+
+def score_slices(
+    model: LoadedModel, slices: list[SliceRef], batch_size: int
+) -> tuple[list[SliceScore], int]:
+    """Select slices with lung, preprocess them as training did, and classify them in batches.
+
+    Preprocessing of the next ``batch_size`` slices runs in a second thread while the model
+    classifies the current ones (both release the GIL for most of their work).
+    Returns the scores of the selected slices (body-axis order) and the number of slices read.
+    """
+    spec = model.spec
+    chunks = [slices[i : i + batch_size] for i in range(0, len(slices), batch_size)]
+    selected: list[SliceRef] = []
+    outputs: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess") as pool:
+        pending = [pool.submit(_prepare, spec, chunk) for chunk in chunks[:1]]
+        for k in range(len(chunks)):
+            refs, inputs = pending.pop().result()
+            if k + 1 < len(chunks):
+                pending.append(pool.submit(_prepare, spec, chunks[k + 1]))
+            if refs:
+                selected += refs
+                outputs.append(model.predict(np.stack(inputs)))
     if len(selected) < spec.selection.min_slices:
         raise SeriesRejected(
             f"only {len(selected)} of {len(slices)} slices contain enough lung "
             f"(at least {spec.selection.min_slices} needed): not a chest CT covering the lungs?"
         )
-    probabilities = np.concatenate(
-        [
-            model.predict(np.stack(inputs[i : i + batch_size]))
-            for i in range(0, len(inputs), batch_size)
-        ]
-    )
+    probabilities = np.concatenate(outputs)
     pos = spec.positive_index
     scores = [
         SliceScore(
