@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 from io import BytesIO
 from typing import Any
 
@@ -32,7 +33,7 @@ from node import metrics
 from node.config import Settings, TLSSettings
 from node.errors import ConfigError, InvalidInstance
 from node.spool import Spool, check_uid
-from node.tracking import InstanceHeader, record_instance
+from node.tracking import InstanceHeader, Recorded, record_instance
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ COMPRESSED_TRANSFER_SYNTAXES = (
 )
 TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
 
+# Stores of one SOP Instance from two associations at once are serialised (striped locks).
+_SOP_LOCKS = tuple(threading.Lock() for _ in range(64))
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -191,24 +194,9 @@ def handle_store(
     except Exception:
         logger.exception("unexpected error parsing instance %s", sop_uid[:64])
         return CANNOT_UNDERSTAND
-    final = spool.path_for(
-        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-    )
-    existed = final.exists()  # a resent instance: its file may already be recorded
-    try:
-        path = spool.write(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-        )
-    except OSError as exc:  # disk full, quota, permissions: nothing half-written stays
-        logger.error("spool write failed for %s: %s", sop_uid, exc)
-        counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
-        return OUT_OF_RESOURCES
-    try:
-        recorded = record_instance(sessions, header, str(path), len(data), calling_ae, calling_host)
-    except Exception as exc:  # database busy/locked/full: the sender must retry
-        logger.error("database write failed for %s: %s", sop_uid, exc)
-        if not existed:  # never keep a file the database does not know of
-            path.unlink(missing_ok=True)
+    with _SOP_LOCKS[hash(header.sop_instance_uid) % len(_SOP_LOCKS)]:
+        recorded = _spool_and_record(spool, sessions, header, data, calling_ae, calling_host)
+    if recorded is None:
         counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
         return OUT_OF_RESOURCES
     metrics.INSTANCES_RECEIVED.labels("duplicate" if recorded.duplicate else "stored").inc()
@@ -222,6 +210,35 @@ def handle_store(
         " (duplicate)" if recorded.duplicate else "",
     )
     return SUCCESS
+
+
+def _spool_and_record(
+    spool: Spool,
+    sessions: sessionmaker[Any],
+    header: InstanceHeader,
+    data: bytes,
+    calling_ae: str,
+    calling_host: str,
+) -> Recorded | None:
+    """Write the file, then its row; None (and no unrecorded new file) when either fails.
+
+    Callers hold the lock of this SOP Instance UID, so "the file existed before" stays true
+    while we decide whether a failed record may delete it.
+    """
+    uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    existed = spool.path_for(*uids).exists()  # a resent instance: its file may be recorded
+    try:
+        path = spool.write(*uids, data)
+    except OSError as exc:  # disk full, quota, permissions: nothing half-written stays
+        logger.error("spool write failed for %s: %s", header.sop_instance_uid, exc)
+        return None
+    try:
+        return record_instance(sessions, header, str(path), len(data), calling_ae, calling_host)
+    except Exception as exc:  # database busy/locked/full: the sender must retry
+        logger.error("database write failed for %s: %s", header.sop_instance_uid, exc)
+        if not existed:  # never keep a file the database does not know of
+            path.unlink(missing_ok=True)
+        return None
 
 
 def handle_echo(event: Event) -> int:
