@@ -114,19 +114,44 @@ def serve_bare(port: int, out_dir: Path) -> None:
     )
 
 
+# Diagnostic only: the node with os.fsync a no-op, to show what the durable spool write costs.
+_NO_FSYNC = (
+    "import os, runpy; os.fsync = lambda fd: None; "
+    "runpy.run_module('node', run_name='__main__', alter_sys=True)"
+)
+
+
 @contextlib.contextmanager
-def node(workdir: Path) -> Iterator[tuple[int, str]]:
+def node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
     """The node as its own process, with a long quiet time so nothing is analysed meanwhile."""
+    import os
+    import sys
+
     from tests.models import make_tiny_model
     from tests.nodeproc import NodeProcess, node_config
-    from tests.peers import free_port
+    from tests.peers import free_port, wait_for
 
     model_dir = workdir / "tiny-model"
     model_dir.mkdir(parents=True, exist_ok=True)
     make_tiny_model(model_dir, ["non-COVID", "COVID-19"])
     port = free_port()
     config = node_config(workdir, port=port, model_dir=model_dir, pacs_port=None, quiet_s=3600)
-    proc = NodeProcess(config, port).start()
+    proc = NodeProcess(config, port)
+    if fsync:
+        proc.start()
+    else:
+        from bench.common import REPO
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        with open(proc.log, "ab") as log:
+            proc.proc = subprocess.Popen(
+                [sys.executable, "-c", _NO_FSYNC, "--config", str(config), "serve"],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_for(proc.echo, 120, interval=0.5, what="node (no fsync) to answer C-ECHO")
     try:
         yield port, NODE_AE
     finally:
@@ -188,11 +213,17 @@ def run(quick: bool) -> dict[str, Any]:
     runs = 1 if quick else 5
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         root = Path(tmp)
-        times: dict[str, list[float]] = {"storescp": [], "bare_pynetdicom": [], "node": []}
+        times: dict[str, list[float]] = {
+            "storescp": [],
+            "bare_pynetdicom": [],
+            "node": [],
+            "node_without_fsync_diagnostic": [],
+        }
         with (
             storescp(root / "storescp-out") as dcmtk,
             bare_scp(root / "bare-out") as bare,
             node(root / "node") as ours,
+            node(root / "node-nofsync", fsync=False) as ours_nofsync,
         ):
             size = 0
             for r in range(runs):
@@ -203,6 +234,7 @@ def run(quick: bool) -> dict[str, Any]:
                     ("storescp", dcmtk),
                     ("bare_pynetdicom", bare),
                     ("node", ours),
+                    ("node_without_fsync_diagnostic", ours_nofsync),
                 ):
                     times[name].append(send(folder, port, aec))
                 for out in (root / "storescp-out", root / "bare-out"):
@@ -225,6 +257,9 @@ def run(quick: bool) -> dict[str, Any]:
     result["ratio_node_to_storescp_paired_median"] = rounded(median(paired))
     result["ratio_bare_pynetdicom_to_storescp"] = rounded(
         rates["bare_pynetdicom"] / rates["storescp"]
+    )
+    result["ratio_node_without_fsync_to_storescp"] = rounded(
+        rates["node_without_fsync_diagnostic"] / rates["storescp"]
     )
     result["node_handler_ms_per_instance"] = breakdown
     result["targets"] = {"ratio_node_to_storescp": target(median(paired), 0.6, at_least=True)}
