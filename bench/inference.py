@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def child_b7(args: argparse.Namespace) -> dict[str, Any]:
     model = keras.applications.EfficientNetB7(weights=None, input_shape=(512, 512, 3), classes=3)
     x = np.random.default_rng(0).random((args.slices + 1, 512, 512, 3), dtype=np.float32) * 255
     model(x[:1], training=False)  # warm-up
-    times = [time_call(lambda i=i: model(x[i : i + 1], training=False)) for i in range(1, len(x))]
+    times = [time_call(partial(model, x[i : i + 1], training=False)) for i in range(1, len(x))]
     return {
         "model": "keras.applications.EfficientNetB7(weights=None) @ 512 px, batch 1",
         "slices": args.slices,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,11 @@ def thesis_slice(path: Path, size: int = SIZE) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32) / np.float32(255.0)
 
 
+def _each(fn: Callable[..., np.ndarray], items: list[Any]) -> None:
+    for item in items:
+        fn(item, SIZE)
+
+
 def dense_resize(image: np.ndarray, size: int = SIZE) -> np.ndarray:
     """The node's resize before the Pillow change: two dense triangle-weight matrix products."""
     mats = []
@@ -80,7 +87,7 @@ def resize_comparison(paths: list[Path], runs: int) -> dict[str, float]:
     out = {}
     for name, fn in (("pillow_ms", preprocess.resize), ("dense_matrix_before_ms", dense_resize)):
         fn(images[0], SIZE)
-        times = [time_call(lambda f=fn: [f(im, SIZE) for im in images]) for _ in range(runs)]
+        times = [time_call(partial(_each, fn, images)) for _ in range(runs)]
         out[name] = rounded(median(times) / len(images) * 1e3)
     return out
 
@@ -97,7 +104,7 @@ def run(quick: bool) -> dict[str, Any]:
         loop_times = []
         for r in range(runs):
             subset = paths[r * loop_slices : (r + 1) * loop_slices]
-            loop_times.append(time_call(lambda s=subset: [thesis_slice(p) for p in s]))
+            loop_times.append(time_call(partial(_each, thesis_slice, subset)))
         resize_ms = resize_comparison(paths[:30], runs)
         agreement = max(float(np.abs(thesis_slice(p) - node_slice(p)).max()) for p in paths[:1])
     vec_rate = slices / median(vec_times)

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +112,7 @@ def run(quick: bool) -> dict[str, Any]:
         try:
             synthetic = 0
             for size in sizes:
-                grow_s = (
-                    time_call(lambda s=size, n=synthetic: grow(url, n, s))
-                    if size > synthetic
-                    else 0.0
-                )
+                grow_s = time_call(partial(grow, url, synthetic, size)) if size > synthetic else 0.0
                 synthetic = max(synthetic, size)
                 rows = instance_rows(url)
                 ingest = []
@@ -123,8 +120,7 @@ def run(quick: bool) -> dict[str, Any]:
                     folder = work / f"series-{size}-{r}"
                     build_series(folder, per_series, seed=f"bench-scale-{size}-{r}-{time.time()}")
                     ingest.append(
-                        per_series
-                        / time_call(lambda f=folder: storescu(f, port=port, aec="TRIAGE"))
+                        per_series / time_call(partial(storescu, folder, port=port, aec="TRIAGE"))
                     )
                 collect_status(settings)  # warm imports and the page cache
                 status_ms = [time_call(lambda: collect_status(settings)) * 1e3 for _ in range(5)]
