@@ -407,6 +407,19 @@ def test_other_sop_classes_refused_at_negotiation(rig: Rig) -> None:
     assert accepted == {Verification}
 
 
+def test_unknown_transfer_syntaxes_refused_at_negotiation(rig: Rig) -> None:
+    """Only transfer syntaxes the node can decode are accepted; a CT context proposing only a
+    private or unsupported one is refused, so no undecodable instance is ever acknowledged."""
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.110", "1.2.3.4.5.6.7"])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", rig.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {Verification}
+
+
 def test_after_the_corpus_a_good_series_is_analysed_and_nothing_leaked(
     rig: Rig, tmp_path: Path
 ) -> None:

@@ -369,3 +369,38 @@ def test_spool_disk_full_answers_out_of_resources_then_recovers(
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 120, interval=0.5, what="job done")
     assert [(r[1], r[2]) for r in series_rows(rig.db)] == [("complete", len(files))]
     assert "spool write failed" in rig.node.log_text()
+
+
+def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    orthanc_factory: Callable[..., Orthanc],
+    rigs: list[Rig],
+) -> None:
+    """The PACS stays down longer than all retries: the job is dead-lettered, visible in
+    ``status`` with the reason; ``retry`` after the PACS is back delivers it, exactly once."""
+    require_shared_data(TCIA_SIEMENS_B40F)
+    files = series_files(TCIA_SIEMENS_B40F)
+    rig = make_rig(tmp_path, tiny_model_dir, orthanc_factory, quiet_s=1.0)
+    assert rig.orthanc is not None
+    retry = {"max_attempts": 2, "initial_backoff_s": 0.5, "max_backoff_s": 1}
+    import yaml
+
+    config = yaml.safe_load(rig.node.config.read_text())
+    config["results"]["retry"] = retry
+    rig.node.config.write_text(yaml.safe_dump(config))
+    rigs.append(rig)
+    rig.orthanc.stop()
+    rig.node.start()
+    storescu(files, port=rig.port, aec="TRIAGE", aet="STORESCU")
+    wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["failed"], 90, interval=0.5, what="dead letter")
+    status = rig.node.status()
+    assert status["jobs_by_state"] == {"failed": 1}
+    row = status["recent_series"][0]
+    assert row["job_state"] == "failed" and "delivery failed 2 times" in row["last_error"]
+    rig.orthanc.start()
+    job_id = str(jobs(rig.db)[0][0])
+    rig.node.cli("retry", job_id)
+    wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="delivered")
+    assert rig.node.cli("retry", job_id, check=False).returncode != 0  # only failed jobs retry
+    assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
