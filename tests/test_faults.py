@@ -323,25 +323,37 @@ def test_database_locked_by_another_process(
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MiB tmpfs (root only; skipped elsewhere with the reason, failed under CI=true)."""
-    mnt = tmp_path / "node" / "spool"
-    mnt.mkdir(parents=True)
-    mount = shutil.which("mount")
-    proc = subprocess.run(
-        [mount or "mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        reason = f"cannot mount a tmpfs here ({proc.stderr.strip()}): disk-full test needs root"
-        if os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield mnt
-    finally:
+def tmpfs_spool(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs_spool("3m")`` mounts a tmpfs of that size as the test node's spool (root only;
+    skipped elsewhere with the reason, failed under CI=true as root); unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / "node" / "spool"
+        mnt.mkdir(parents=True)
+        proc = subprocess.run(
+            [shutil.which("mount") or "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+             "tmpfs", str(mnt)],  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            reason = f"cannot mount a tmpfs here ({proc.stderr.strip()}): disk-full test needs root"
+            if os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0:
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmpfs_spool: Callable[[str], Path]) -> Path:
+    """A 3 MiB tmpfs as the spool: about five 512 x 512 slices fit."""
+    return tmpfs_spool("3m")
 
 
 def test_spool_disk_full_answers_out_of_resources_then_recovers(
@@ -403,4 +415,48 @@ def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
     rig.node.cli("retry", job_id)
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="delivered")
     assert rig.node.cli("retry", job_id, check=False).returncode != 0  # only failed jobs retry
+    assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte with one file; returns it."""
+    filler = folder / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for block in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_spool_full_when_the_sr_is_written_dead_letter_then_retry(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    orthanc_factory: Callable[..., Orthanc],
+    rigs: list[Rig],
+    tmpfs_spool: Callable[[str], Path],
+) -> None:
+    """The disk fills between ingest and analysis: the SR cannot be written, the job is
+    dead-lettered with the reason; once space returns, ``retry`` analyses and delivers once."""
+    require_shared_data(TCIA_SIEMENS_B40F)
+    files = series_files(TCIA_SIEMENS_B40F)
+    spool = tmpfs_spool("24m")
+    rig = make_rig(tmp_path, tiny_model_dir, orthanc_factory, quiet_s=3.0)
+    assert rig.spool == spool and rig.orthanc is not None
+    rigs.append(rig)
+    rig.node.start()
+    sent = send_files(rig.port, files)
+    assert sent.succeeded == set(sent.statuses) and len(sent.statuses) == len(files)
+    filler = fill(spool)
+    wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["failed"], 60, interval=0.5, what="failed")
+    assert "No space left on device" in jobs(rig.db)[0][6]
+    assert leftovers(rig.spool) == []
+    filler.unlink()
+    rig.node.cli("retry", str(jobs(rig.db)[0][0]))
+    wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="done")
     assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
