@@ -85,7 +85,9 @@ class TLSSettings(_Strict):
     cert_file: Path | None = Field(None, description="our certificate (chain)")
     key_file: Path | None = Field(None, description="private key of cert_file")
     ca_file: Path | None = Field(None, description="CA(s) that sign allowed client certificates")
-    require_client_cert: bool = Field(True, description="refuse TLS clients without a CA-signed cert")
+    require_client_cert: bool = Field(
+        True, description="refuse TLS clients without a certificate signed by ca_file"
+    )
     handshake_timeout_s: float = Field(10.0, gt=0)
 
 

@@ -147,7 +147,9 @@ def _check_encoding(data: bytes, ts: UID) -> None:
     explicit = vr.isalpha() and vr.isupper()
     if explicit == ts.is_implicit_VR:
         found = "explicit" if explicit else "implicit"
-        raise InvalidInstance(f"dataset is encoded with {found} VR, not as its transfer syntax {ts.name}")
+        raise InvalidInstance(
+            f"dataset is encoded with {found} VR, not as its transfer syntax {ts.name}"
+        )
 
 
 def _check_pixel_data(ds: Dataset, data: bytes, ts: UID) -> None:
@@ -293,7 +295,7 @@ class _LazyHandshakeContext(ssl.SSLContext):
 
 
 def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
-    """TLS context of the Storage SCP: TLS 1.2+, our certificate, CA-verified client certificates."""
+    """TLS context of the Storage SCP: TLS 1.2+, our certificate, CA-verified client certs."""
     ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.handshake_timeout_s = tls.handshake_timeout_s
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -333,7 +335,9 @@ def start_receiver(
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_CONN_OPEN, handle_connection),
     ]
-    ssl_context = server_ssl_context(settings.security.tls) if settings.security.require_tls else None
+    ssl_context = None
+    if settings.security.require_tls:
+        ssl_context = server_ssl_context(settings.security.tls)
     server = ae.start_server(
         (settings.node.bind_address, settings.node.port),
         block=False,

@@ -53,7 +53,8 @@ def read_headers(paths: list[Path]) -> list[tuple[Path, Dataset]]:
 def _numbers(ds: Dataset, keyword: str, count: int) -> list[float]:
     """``count`` finite numbers from ``keyword``, or SeriesRejected naming the attribute."""
     value = ds.get(keyword)
-    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    multiple = isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+    values = list(value) if multiple else [value]
     try:
         numbers = [float(v) for v in values]
     except (TypeError, ValueError, OverflowError) as exc:
@@ -107,8 +108,8 @@ def _order_and_check(
             "Hounsfield units cannot be computed"
         )
     for _, ds in headers:
-        slope, intercept = _numbers(ds, "RescaleSlope", 1), _numbers(ds, "RescaleIntercept", 1)
-        if slope[0] == 0:
+        _numbers(ds, "RescaleIntercept", 1)
+        if _numbers(ds, "RescaleSlope", 1)[0] == 0:
             raise SeriesRejected("Rescale Slope is 0: Hounsfield units cannot be computed")
     orientations = np.array([_numbers(ds, "ImageOrientationPatient", 6) for _, ds in headers])
     if np.abs(orientations - orientations[0]).max() > 1e-3:

@@ -322,9 +322,9 @@ CASES = [
         description="Tórax Simple",
     ),
     Case(
-        charset("utf8", "ISO_IR 192", "Tórax Simple – 胸部 CT", PHI_NAMES[1]),
+        charset("utf8", "ISO_IR 192", "Tórax Simple – 胸部 CT", PHI_NAMES[1]),  # noqa: RUF001
         outcome="analysed",
-        description="Tórax Simple – 胸部 CT",
+        description="Tórax Simple – 胸部 CT",  # noqa: RUF001
     ),
     Case(
         charset("iso2022", ["", "ISO 2022 IR 87"], "Chest 胸部単純CT", PHI_NAMES[2]),

@@ -289,9 +289,17 @@ def test_database_locked_by_another_process(
     require_shared_data(TCIA_PHILIPS)
     files = series_files(TCIA_PHILIPS)
     rig = make_rig(
-        tmp_path, tiny_model_dir, None, quiet_s=1.0, extra={"storage": {
-            "spool_dir": "spool", "database_url": "sqlite:///node.sqlite3", "db_busy_timeout_s": 1.0
-        }},
+        tmp_path,
+        tiny_model_dir,
+        None,
+        quiet_s=1.0,
+        extra={
+            "storage": {
+                "spool_dir": "spool",
+                "database_url": "sqlite:///node.sqlite3",
+                "db_busy_timeout_s": 1.0,
+            }
+        },
     )
     rigs.append(rig)
     rig.node.start()
@@ -332,8 +340,15 @@ def tmpfs_spool(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         mnt = tmp_path / "node" / "spool"
         mnt.mkdir(parents=True)
         proc = subprocess.run(
-            [shutil.which("mount") or "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
-             "tmpfs", str(mnt)],  # fmt: skip
+            [
+                shutil.which("mount") or "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={size},mode=0700",
+                "tmpfs",
+                str(mnt),
+            ],
             capture_output=True,
             text=True,
         )
@@ -405,7 +420,9 @@ def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
     rig.orthanc.stop()
     rig.node.start()
     storescu(files, port=rig.port, aec="TRIAGE", aet="STORESCU")
-    wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["failed"], 90, interval=0.5, what="dead letter")
+    wait_for(
+        lambda: [j[3] for j in jobs(rig.db)] == ["failed"], 90, interval=0.5, what="dead letter"
+    )
     status = rig.node.status()
     assert status["jobs_by_state"] == {"failed": 1}
     row = status["recent_series"][0]

@@ -21,7 +21,6 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
-    CTImageStorage,
     Verification,
 )
 
@@ -179,8 +178,8 @@ def make_pki(folder: Path) -> dict[str, Path]:
         subprocess.run([openssl, *args], check=True, capture_output=True, cwd=folder, timeout=60)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=triage test CA")  # fmt: skip
+    days = ["-days", "2"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", *days, "-subj", "/CN=test CA")
     ext = folder / "ext.cnf"
     ext.write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
@@ -188,8 +187,8 @@ def make_pki(folder: Path) -> dict[str, Path]:
     )
     for name in ("node", "client", "pacs"):
         run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+        ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "ext.cnf"]
+        run("x509", "-req", "-in", f"{name}.csr", *ca, "-out", f"{name}.pem", *days)
         out[name] = folder / f"{name}.pem"
         out[f"{name}.key"] = folder / f"{name}.key"
     out["ca"] = folder / "ca.pem"
@@ -360,7 +359,10 @@ def with_phi(src: list[Path], dst: Path) -> list[Path]:
     from pydicom.uid import generate_uid
 
     dst.mkdir(parents=True)
-    study, series = generate_uid(entropy_srcs=["phi", "st"]), generate_uid(entropy_srcs=["phi", "se"])
+    study, series = (
+        generate_uid(entropy_srcs=["phi", "st"]),
+        generate_uid(entropy_srcs=["phi", "se"]),
+    )
     out = []
     for i, f in enumerate(src):
         ds = pydicom.dcmread(f)
@@ -434,7 +436,11 @@ def test_no_phi_in_logs_database_status_or_console_and_files_are_private(
 
     # owner-only: the spool tree, spooled CT, SRs, and the database with its WAL files
     loose = []
-    for path in [workdir / "spool", *(workdir / "spool").rglob("*"), *workdir.glob("node.sqlite3*")]:
+    for path in [
+        workdir / "spool",
+        *(workdir / "spool").rglob("*"),
+        *workdir.glob("node.sqlite3*"),
+    ]:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             loose.append(f"{path.relative_to(workdir)} {mode:o}")
