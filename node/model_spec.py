@@ -63,6 +63,9 @@ class ModelSpec(BaseModel):
     positive_class: str
     input_size: int = Field(ge=32, le=1024)
     window: WindowSpec = WindowSpec()
+    crop: Literal["none", "body"] = Field(
+        "none", description="preprocess.crop_image before resizing: hu_to_input(..., crop=)"
+    )
     preprocessing_version: int
     selection: SliceSelection = SliceSelection()
     series_rule: SeriesRule = SeriesRule()

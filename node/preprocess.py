@@ -110,19 +110,53 @@ def square_pad(image: np.ndarray, fill: float = 0.0) -> np.ndarray:
     return out
 
 
-def windowed_to_input(windowed: np.ndarray, size: int) -> np.ndarray:
+CROPS = ("none", "body")
+BODY_THRESHOLD = 0.55  # windowed grey above this is soft tissue or bone in every rendering
+BODY_MIN_FRACTION = 0.02  # a row/column belongs to the body box when this much of it is bright
+
+
+def body_box(windowed: np.ndarray) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the body in a windowed [0, 1] slice.
+
+    Rows and columns in which at least ``BODY_MIN_FRACTION`` of the pixels are brighter than
+    ``BODY_THRESHOLD``; the whole image where fewer than 8 rows or columns qualify.  Works on
+    windowed grey, so DICOM and 8-bit slices are cropped by the same rule.
+    """
+    bright = windowed > BODY_THRESHOLD
+    rows = np.flatnonzero(bright.mean(axis=1) >= BODY_MIN_FRACTION)
+    cols = np.flatnonzero(bright.mean(axis=0) >= BODY_MIN_FRACTION)
+    if len(rows) < 8 or len(cols) < 8:
+        return 0, windowed.shape[0], 0, windowed.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_image(windowed: np.ndarray, crop: str = "none") -> np.ndarray:
+    """Apply the model's crop (``ModelSpec.crop``): ``none`` or ``body`` (see ``body_box``)."""
+    if crop == "none":
+        return windowed
+    if crop == "body":
+        top, bottom, left, right = body_box(windowed)
+        return windowed[top:bottom, left:right]
+    raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
+
+
+def windowed_to_input(windowed: np.ndarray, size: int, crop: str = "none") -> np.ndarray:
     """Last common step of both paths: a [0, 1] grey image -> ``(size, size)`` model input."""
-    return resize(square_pad(windowed), size)
+    return resize(square_pad(crop_image(windowed, crop)), size)
 
 
-def hu_to_input(hu: np.ndarray, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+def hu_to_input(
+    hu: np.ndarray, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+) -> np.ndarray:
     """A slice in Hounsfield units -> model input (the node calls this after slice selection)."""
-    return windowed_to_input(apply_window(hu, window), size)
+    return windowed_to_input(apply_window(hu, window), size, crop)
 
 
-def dicom_to_input(ds: Dataset, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+def dicom_to_input(
+    ds: Dataset, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+) -> np.ndarray:
     """The DICOM path used by training and by the node: CT dataset -> model input."""
-    return hu_to_input(hounsfield(ds), size, window)
+    return hu_to_input(hounsfield(ds), size, window, crop)
 
 
 def read_dicom(path: str | Path) -> Dataset:
@@ -146,13 +180,13 @@ def grey_image_to_unit(pixels: np.ndarray) -> np.ndarray:
     return (arr.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
 
 
-def image_file_to_input(path: str | Path, size: int) -> np.ndarray:
+def image_file_to_input(path: str | Path, size: int, crop: str = "none") -> np.ndarray:
     """The 8-bit path: a PNG/JPG slice (already windowed by its publisher) -> model input."""
     from PIL import Image  # imported here so the node's DICOM path does not need it loaded
 
     with Image.open(path) as img:
         arr = np.asarray(img.convert("L") if img.mode not in ("L", "RGB", "RGBA") else img)
-    return windowed_to_input(grey_image_to_unit(arr), size)
+    return windowed_to_input(grey_image_to_unit(arr), size, crop)
 
 
 def lung_fraction(hu: np.ndarray) -> float:

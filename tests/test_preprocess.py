@@ -60,3 +60,31 @@ def test_window_maps_level_to_half() -> None:
     w = Window(-600.0, 1500.0)
     out = apply_window(np.array([[-1350.0, -600.0, 150.0, 3000.0]], np.float32), w)
     np.testing.assert_allclose(out, [[0.0, 0.5, 1.0, 1.0]])
+
+
+@needs_data
+def test_body_crop_is_the_same_on_both_paths_and_removes_air() -> None:
+    path = _first_dicom(CT_MD / "Normal" / "normal001")
+    row = Row(str(path), "Normal", "p", "s", kind="dicom")
+    node = hu_to_input(hounsfield(read_dicom(path)), 64, LUNG_WINDOW, crop="body")
+    np.testing.assert_array_equal(load_input(row, 64, LUNG_WINDOW, crop="body"), node)
+    rendered = render(load_native(row), "dicom", 64, LUNG_WINDOW, None,
+                      np.random.default_rng(0), crop="body")
+    np.testing.assert_array_equal(rendered, node)
+    from node.preprocess import body_box
+
+    tcia = apply_window(hounsfield(read_dicom(_first_dicom(TCIA / "Lung_Dx-A0001"))))
+    top, bottom, left, right = body_box(tcia)
+    assert (bottom - top) * (right - left) < 0.8 * tcia.size  # the air around the body goes
+
+
+def test_body_box_of_a_synthetic_slice() -> None:
+    from node.preprocess import body_box, crop_image
+
+    img = np.zeros((100, 120), np.float32)
+    img[20:70, 30:100] = 0.9
+    assert body_box(img) == (20, 70, 30, 100)
+    assert crop_image(img, "body").shape == (50, 70)
+    assert crop_image(np.zeros((10, 10), np.float32), "body").shape == (10, 10)
+    with pytest.raises(ValueError, match="unknown crop"):
+        crop_image(img, "lungs")

@@ -109,3 +109,15 @@ def test_training_resumes_after_interruption(tmp_path: Path) -> None:
               (work / "head" / "log.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3], "resumed at epoch 2 instead of starting over"
     assert load_spec(model_dir).name == "tiny"
+
+
+def test_folded_head_equals_head_on_standardised_features() -> None:
+    from training.train import build_head, fold_standardisation, head_predict
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (16, 8)).astype(np.float32)
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-3
+    head = build_head(8, 3, 0.2, 1e-3)
+    expected = head.predict((x - mu) / sd, verbose=0)
+    kernel, bias = fold_standardisation(head, mu, sd)
+    np.testing.assert_allclose(head_predict(x, kernel, bias), expected, rtol=1e-4, atol=1e-5)

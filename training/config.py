@@ -40,6 +40,13 @@ class SourceConfig(_Strict):
     label: str | None = None  # dicom: label of every series
     split: Literal["official", "carve", "train", "test"] = "carve"
     lopo: bool = False
+    weight: float = Field(1.0, gt=0, description="per-slice loss weight multiplier")
+    rendered_window: WindowSpec | None = Field(
+        None,
+        description="8-bit source: the window its publisher rendered Hounsfield units with "
+        "(estimated from histograms); its pixels are mapped back to approximate HU and then "
+        "rendered exactly like DICOM (model window, window jitter)",
+    )
     licence: str = ""
     citation: str = ""
 
@@ -78,6 +85,7 @@ class HeadConfig(OptimiserConfig):
     """Phase 1: frozen backbone; the head trains on cached features of augmented renderings."""
 
     renderings: int = Field(4, ge=0, description="augmented renderings per training slice")
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the head's kernel")
 
 
 class FinetuneConfig(OptimiserConfig):
@@ -104,6 +112,7 @@ class TrainConfig(_Strict):
     positive_class: str
     input_size: int = Field(224, ge=32, le=1024)
     window: WindowSpec = WindowSpec()
+    crop: Literal["none", "body"] = "none"
     backbone_weights: Literal["imagenet"] | None = "imagenet"
     dropout: float = 0.2
     sources: list[SourceConfig] = Field(min_length=1)

@@ -345,18 +345,22 @@ def load_native(row: Row) -> np.ndarray:
     return grey_image_to_unit(arr)
 
 
-def load_input(row: Row, size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+def load_input(
+    row: Row, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+) -> np.ndarray:
     """One row -> the model input, by the node's own functions."""
     if row.kind == "dicom":
-        return hu_to_input(hounsfield(read_dicom(row.path)), size, window)
-    return image_file_to_input(row.path, size)
+        return hu_to_input(hounsfield(read_dicom(row.path)), size, window, crop)
+    return image_file_to_input(row.path, size, crop)
 
 
-def load_inputs(rows: Sequence[Row], size: int, window: Window = LUNG_WINDOW) -> np.ndarray:
+def load_inputs(
+    rows: Sequence[Row], size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+) -> np.ndarray:
     """Rows -> ``(n, size, size)`` float32 model inputs."""
     out = np.empty((len(rows), size, size), np.float32)
     for i, row in enumerate(rows):
-        out[i] = load_input(row, size, window)
+        out[i] = load_input(row, size, window, crop)
     return out
 
 
@@ -368,20 +372,19 @@ def labels_array(rows: Sequence[Row], classes: Sequence[str]) -> np.ndarray:
     return np.asarray(idx, np.int64)
 
 
-def sample_weights(labels: np.ndarray, sources: Sequence[str]) -> np.ndarray:
-    """Weights that balance the classes within each source and give every source equal weight.
+def sample_weights(
+    labels: np.ndarray, sources: Sequence[str], source_weight: dict[str, float] | None = None
+) -> np.ndarray:
+    """Per-slice weights: classes balanced over all sources, times a per-source multiplier.
 
-    A weight is ``1 / (n_sources * n_classes_in_source * count(source, class))`` scaled to mean 1,
-    so neither a large source nor a frequent class dominates the loss.
+    A weight is ``source_weight[source] / (n_classes * count(class))``, scaled to mean 1, so
+    each class carries the same total weight while sources keep their size (times the
+    multiplier, default 1).
     """
-    src = np.asarray(sources)
-    counts = Counter(zip(src.tolist(), labels.tolist(), strict=True))
-    classes_in = Counter(s for s, _ in counts)
-    n_sources = len(classes_in)
-    w = np.array(
-        [
-            1.0 / (n_sources * classes_in[s] * counts[(s, c)])
-            for s, c in zip(src.tolist(), labels.tolist(), strict=True)
-        ]
-    )
+    y = np.asarray(labels)
+    present = np.unique(y)
+    counts = {c: int((y == c).sum()) for c in present}
+    mult = source_weight or {}
+    w = np.array([mult.get(s, 1.0) / (len(present) * counts[c])
+                  for s, c in zip(sources, y.tolist(), strict=True)], np.float64)
     return (w * len(w) / w.sum()).astype(np.float32)

@@ -214,7 +214,7 @@ def evaluate_rows(
     model: Any, spec: ModelSpec, rows: Sequence[Row], batch_size: int = 32
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``rows`` (8-bit or DICOM slices) and their positive-class scores."""
-    inputs = load_inputs(rows, spec.input_size, spec.window.as_window())
+    inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop)
     probs = predict_proba(model, spec, inputs, batch_size)
     y = labels_array(rows, spec.classes)
     metrics = classification_metrics(
@@ -238,8 +238,8 @@ def evaluate_series(model: Any, spec: ModelSpec, rows: Sequence[Row]) -> dict[st
         if len(keep) < spec.selection.min_slices:
             entry["verdict"] = "rejected: too few lung slices"
         else:
-            inputs = np.stack([hu_to_input(hus[i], spec.input_size, spec.window.as_window())
-                               for i in keep])
+            inputs = np.stack([hu_to_input(hus[i], spec.input_size, spec.window.as_window(),
+                                           crop=spec.crop) for i in keep])
             scores = predict_proba(model, spec, inputs)[:, spec.positive_index]
             verdict = series_verdict(scores, spec.series_rule)
             expected = class_index(srows[0].label, spec.classes) == spec.positive_index

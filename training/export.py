@@ -106,7 +106,7 @@ def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cach
     """Held-out metrics per source, the threshold and the chosen series rule."""
     pos_idx = spec.positive_index
     window = cfg.window.as_window()
-    inputs = cache.inputs(range(len(rows)), cfg.input_size, window)
+    inputs = cache.inputs(range(len(rows)), cfg.input_size, window, crop=cfg.crop)
     probs = predict_proba(model, spec, inputs)
     labels = np.array([class_index(r.label, cfg.classes) if u else -1
                        for r, u in zip(rows, usable, strict=True)])
@@ -128,6 +128,11 @@ def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cach
             curves[f"{src.name} test"] = ((labels[test] == pos_idx).astype(int), probs[test, pos_idx])
             plot_confusion(m["confusion_matrix"], cfg.classes, out_dir / f"confusion_{src.name}.png",
                            f"{src.name}: held-out test")
+            lung = [i for i in test if rows[i].kind == "dicom"
+                    and cache.lung[i] >= cfg.selection.min_lung_fraction]
+            if lung:
+                entry["held_out_test_dicom_slices"] = dicom_slice_auc(
+                    [rows[i] for i in lung], probs[lung, pos_idx])
         held = [i for i, r in enumerate(rows) if r.source == src.name and r.path in lopo
                 and r.kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction]
         if held:
@@ -178,7 +183,7 @@ def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: Nat
         raise ValueError(f"{out_dir / MODEL_FILE}: {size_mb:.1f} MB > {cfg.max_model_mb} MB")
     spec = ModelSpec(name=cfg.name, version=cfg.version, classes=cfg.classes,
                      positive_class=cfg.positive_class, input_size=cfg.input_size,
-                     window=cfg.window, preprocessing_version=PREPROCESSING_VERSION,
+                     window=cfg.window, crop=cfg.crop, preprocessing_version=PREPROCESSING_VERSION,
                      selection=cfg.selection)
     report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, lopo, spec, out_dir)
     for phase in ("head", "finetune"):

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from node.preprocess import Window, lung_fraction
+from node.preprocess import AIR_HU, Window, lung_fraction
 from training.augment import AugmentConfig, geometric_layers, render
 from training.dataset import Row, load_native
 
@@ -32,12 +32,27 @@ BATCH = 32
 class NativeCache:
     """Native slices (HU or [0, 1] grey) of all rows, loaded once, plus DICOM lung fractions."""
 
-    def __init__(self, rows: Sequence[Row]) -> None:
+    def __init__(self, rows: Sequence[Row], rendered: dict[str, Window] | None = None) -> None:
+        """``rendered``: source -> the window its 8-bit images were rendered with; those
+        images are mapped back to approximate HU and from then on treated like DICOM."""
         self.rows = list(rows)
-        self.natives = [load_native(r) for r in tqdm(self.rows, desc="reading slices")]
-        self.lung = np.array(
-            [lung_fraction(n) if r.kind == "dicom" else 1.0 for r, n in zip(self.rows, self.natives, strict=True)]
-        )
+        self.rendered = dict(rendered or {})
+        self.natives = [self._native(r) for r in tqdm(self.rows, desc="reading slices")]
+        self.kinds = ["dicom" if r.kind == "dicom" or r.source in self.rendered else "image"
+                      for r in self.rows]
+        self.lung = np.array([lung_fraction(n) if r.kind == "dicom" else 1.0
+                              for r, n in zip(self.rows, self.natives, strict=True)])
+
+    def _native(self, row: Row) -> np.ndarray:
+        native = load_native(row)
+        win = self.rendered.get(row.source)
+        if row.kind == "dicom" or win is None:
+            return native
+        pseudo_hu = np.float32(win.low) + native * np.float32(win.width)
+        return np.maximum(pseudo_hu, np.float32(AIR_HU), out=pseudo_hu)
+
+    def key(self) -> dict[str, object]:
+        return {s: asdict(w) for s, w in sorted(self.rendered.items())}
 
     def inputs(
         self,
@@ -46,12 +61,13 @@ class NativeCache:
         window: Window,
         cfg: AugmentConfig | None = None,
         rng: np.random.Generator | None = None,
+        crop: str = "none",
     ) -> np.ndarray:
         """Model inputs of rows ``idx``; augmented (intensity) when ``cfg`` and ``rng`` are given."""
         rng = rng or np.random.default_rng(0)
         out = np.empty((len(idx), size, size), np.float32)
         for j, i in enumerate(idx):
-            out[j] = render(self.natives[i], self.rows[i].kind, size, window, cfg, rng)
+            out[j] = render(self.natives[i], self.kinds[i], size, window, cfg, rng, crop)
         return out
 
 
@@ -76,10 +92,14 @@ def rendering_features(
     cfg: AugmentConfig,
     seed: int,
     cache_dir: Path,
+    crop: str = "none",
 ) -> np.ndarray:
     """Features of rows ``idx`` in one rendering (0 = exact node input), cached on disk."""
-    key = _key(cache.rows, idx, {"r": rendering, "size": size, "window": asdict(window),
-                                 "aug": asdict(cfg), "seed": seed, "n": len(idx)})
+    extra = {"r": rendering, "size": size, "window": asdict(window), "aug": asdict(cfg),
+             "seed": seed, "n": len(idx), "rendered": cache.key()}
+    if crop != "none":
+        extra["crop"] = crop
+    key = _key(cache.rows, idx, extra)
     path = cache_dir / f"features_r{rendering}_{key}.npy"
     if path.is_file():
         return np.load(path)
@@ -88,7 +108,7 @@ def rendering_features(
     feats = []
     for start in tqdm(range(0, len(idx), BATCH), desc=f"features r{rendering}", leave=False):
         part = idx[start : start + BATCH]
-        x = cache.inputs(part, size, window, cfg if rendering else None, rng)
+        x = cache.inputs(part, size, window, cfg if rendering else None, rng, crop)
         if aug is not None:
             x = np.asarray(aug(x[..., None], training=True))[..., 0]
         feats.append(embed(emb_model, np.clip(x, 0.0, 1.0)))

@@ -137,12 +137,29 @@ def optimiser(opt: OptimiserConfig) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(schedule)
 
 
-def build_head(n_features: int, num_classes: int, dropout: float) -> keras.Model:
-    """The classifier head alone, layer names as in ``build_classifier``."""
+def build_head(n_features: int, num_classes: int, dropout: float, l2: float) -> keras.Model:
+    """The classifier head alone (on standardised features), layer names as in the full model."""
     inputs = keras.Input((n_features,), name="features")
     x = keras.layers.Dropout(dropout, name="dropout")(inputs)
-    out = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    out = keras.layers.Dense(num_classes, activation="softmax", name="classifier",
+                             kernel_regularizer=keras.regularizers.L2(l2) if l2 else None)(x)
     return keras.Model(inputs, out, name="head")
+
+
+def fold_standardisation(head: keras.Model, mu: np.ndarray, sd: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Dense weights on standardised features -> the same layer on raw pooled features."""
+    kernel, bias = head.get_layer("classifier").get_weights()
+    folded = kernel / sd[:, None]
+    return folded.astype(np.float32), (bias - (mu / sd) @ kernel).astype(np.float32)
+
+
+def head_predict(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Softmax of the folded head, as the full model computes it (dropout is inert)."""
+    z = features @ kernel + bias
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def fit(
@@ -196,16 +213,18 @@ class Phase1:
         self.usable = usable
         self.all_idx = list(range(len(rows)))
         self.base = rendering_features(emb, cache, self.all_idx, 0, cfg.input_size, window,
-                                       aug, cfg.seed, work / "features")
+                                       aug, cfg.seed, work / "features", cfg.crop)
         self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
         self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
         self.aug_feats = [
             rendering_features(emb, cache, self.train_idx, r, cfg.input_size, window, aug,
-                               cfg.seed, work / "features")
+                               cfg.seed, work / "features", cfg.crop)
             for r in range(1, cfg.head.renderings + 1)
         ]
         self.labels = np.array([class_index(r.label, cfg.classes) if u else -1
                                 for r, u in zip(rows, usable, strict=True)])
+
+        self.source_weight = {s.name: s.weight for s in cfg.sources}
 
     def train_set(self, exclude: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keep = [j for j, i in enumerate(self.train_idx) if self.rows[i].patient_id != exclude]
@@ -213,19 +232,28 @@ class Phase1:
         x = np.concatenate([self.base[idx]] + [f[keep] for f in self.aug_feats])
         y = np.tile(self.labels[idx], 1 + len(self.aug_feats))
         src = [self.rows[i].source for i in idx] * (1 + len(self.aug_feats))
-        return x, y, sample_weights(y, src)
+        return x, y, sample_weights(y, src, self.source_weight)
 
     def val_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         if not self.val_idx:
             return None
         y = self.labels[self.val_idx]
-        return self.base[self.val_idx], y, sample_weights(y, [self.rows[i].source for i in self.val_idx])
+        src = [self.rows[i].source for i in self.val_idx]
+        return self.base[self.val_idx], y, sample_weights(y, src, self.source_weight)
 
     def fit_head(self, exclude: str | None, log_dir: Path | None,
-                 extra: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+                 extra: Sequence[keras.callbacks.Callback] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Train the head without patient ``exclude``; returns the folded (kernel, bias)."""
         keras.utils.set_random_seed(self.cfg.seed)
-        head = build_head(self.base.shape[1], len(self.cfg.classes), self.cfg.dropout)
-        return fit(head, self.train_set(exclude), self.val_set(), self.cfg.head, log_dir, extra)
+        x, y, w = self.train_set(exclude)
+        mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-3
+        val = self.val_set()
+        if val is not None:
+            val = ((val[0] - mu) / sd, val[1], val[2])
+        head = build_head(x.shape[1], len(self.cfg.classes), self.cfg.dropout, self.cfg.head.l2)
+        fit(head, ((x - mu) / sd, y, w), val, self.cfg.head, log_dir, extra)
+        return fold_standardisation(head, mu, sd)
 
     def lopo_scores(self, positive_index: int) -> dict[int, float]:
         """Row index -> positive score from a head trained without that row's patient."""
@@ -234,9 +262,9 @@ class Phase1:
         scores: dict[int, float] = {}
         for n, pid in enumerate(patients, 1):
             logger.info("leave-one-patient-out %d/%d: %s", n, len(patients), pid)
-            head = self.fit_head(pid, None)
+            kernel, bias = self.fit_head(pid, None)
             idx = [i for i, r in enumerate(self.rows) if r.patient_id == pid]
-            probs = np.asarray(head.predict(self.base[idx], verbose=0))
+            probs = head_predict(self.base[idx], kernel, bias)
             scores.update({i: float(p) for i, p in zip(idx, probs[:, positive_index], strict=True)})
         return scores
 
@@ -292,19 +320,19 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     write_manifest(rows, work / "manifest.csv")
     weights = lite0_weights_path() if cfg.backbone_weights == "imagenet" else None
     model = build_classifier(len(cfg.classes), cfg.input_size, weights, cfg.dropout)
-    cache = NativeCache(rows)
+    cache = NativeCache(rows, {s.name: s.rendered_window.as_window() for s in cfg.sources
+                               if s.rendered_window is not None})
     phase1 = Phase1(cfg, rows, cache, embedding_model(model), work)
     positive_index = cfg.classes.index(cfg.positive_class)
 
-    head_weights = work / "head.weights.h5"
+    head_weights = work / "head.npz"
     if not state.get("head_done"):
-        head = phase1.fit_head(None, work / "head", extra_callbacks)
-        head.save_weights(head_weights)
+        kernel, bias = phase1.fit_head(None, work / "head", extra_callbacks)
+        np.savez(head_weights, kernel=kernel, bias=bias)
         state["head_done"] = True
         state_path.write_text(json.dumps(state))
-    head = build_head(phase1.base.shape[1], len(cfg.classes), cfg.dropout)
-    head.load_weights(head_weights)
-    model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+    with np.load(head_weights) as saved:
+        model.get_layer("classifier").set_weights([saved["kernel"], saved["bias"]])
 
     lopo_path = work / "lopo_scores.json"
     if any(s.lopo for s in cfg.sources) and not lopo_path.is_file():
@@ -320,8 +348,9 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             for split, idx in (("train", phase1.train_idx), ("val", phase1.val_idx)):
                 if idx:
                     y = phase1.labels[idx]
-                    data[split] = (cache.inputs(idx, cfg.input_size, window), y,
-                                   sample_weights(y, [rows[i].source for i in idx]))
+                    data[split] = (cache.inputs(idx, cfg.input_size, window, crop=cfg.crop), y,
+                                   sample_weights(y, [rows[i].source for i in idx],
+                                                  phase1.source_weight))
             finetune(model, cfg, cfg.finetune, data, work / "finetune", extra_callbacks)
             model.save_weights(ft_weights)
             state["finetune_done"] = True
