@@ -34,6 +34,18 @@ def set_nodelay(assoc: Association) -> None:
             pass
 
 
+def close_socket(assoc: Association) -> None:
+    """Close the socket of an association that failed to open.
+
+    pynetdicom 3.0.4 leaves it open after a rejection, an abort or a failed TLS handshake (its
+    own close() stops when shutdown() fails on the dead connection): one file descriptor per
+    failed delivery until the garbage collector finds it.
+    """
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is not None:
+        raw.close()
+
+
 def client_ssl_context(tls: PeerTLS) -> ssl.SSLContext:
     """TLS context for associations we open: verify the peer against ``ca_file`` (TLS 1.2+)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
@@ -63,6 +75,7 @@ def store_files(
         raise SendFailed(f"cannot connect to {peer.name} ({peer.host}:{peer.port}): {exc}") from exc
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        close_socket(assoc)
         raise SendFailed(f"association with {peer.name} ({peer.ae_title}) {state}")
     set_nodelay(assoc)
     try:
