@@ -21,6 +21,7 @@ import pydicom
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node.send import close_socket
 from tests.nodeproc import NodeProcess, node_config
 from tests.peers import Orthanc, free_port, set_nodelay
 
@@ -181,6 +182,7 @@ def send_files(
         "127.0.0.1", port, ae_title="TRIAGE", bind_address=bind_address, tls_args=tls_args
     )
     if not assoc.is_established:
+        close_socket(assoc)
         return log
     log.established = True
     set_nodelay(assoc)

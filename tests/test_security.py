@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from node.send import close_socket
 from tests.faultkit import (
     Rig,
     db_query,
@@ -87,13 +88,6 @@ def echo_from(
     status = assoc.send_c_echo()
     assoc.release()
     return status is not None and int(status.Status) == 0
-
-
-def close_socket(assoc: Any) -> None:
-    """pynetdicom 3.0.4 leaves the socket of a refused or failed association open: close it."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.close()
 
 
 # --------------------------------------------------------------------------------------------------
