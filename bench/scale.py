@@ -123,7 +123,7 @@ def run(quick: bool) -> dict[str, Any]:
                         per_series / time_call(partial(storescu, folder, port=port, aec="TRIAGE"))
                     )
                 collect_status(settings)  # warm imports and the page cache
-                status_ms = [time_call(lambda: collect_status(settings)) * 1e3 for _ in range(5)]
+                status_ms = [time_call(lambda: collect_status(settings)) * 1e3 for _ in range(15)]
                 points.append(
                     {
                         "instance_rows": rows,
