@@ -66,6 +66,9 @@ class ModelSpec(BaseModel):
     crop: Literal["none", "body"] = Field(
         "none", description="preprocess.crop_image before resizing: hu_to_input(..., crop=)"
     )
+    normalise: Literal["none", "equalise"] = Field(
+        "none", description="preprocess.normalise_image after the crop: hu_to_input(..., normalise=)"
+    )
     preprocessing_version: int
     selection: SliceSelection = SliceSelection()
     series_rule: SeriesRule = SeriesRule()

@@ -140,23 +140,60 @@ def crop_image(windowed: np.ndarray, crop: str = "none") -> np.ndarray:
     raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
 
 
-def windowed_to_input(windowed: np.ndarray, size: int, crop: str = "none") -> np.ndarray:
-    """Last common step of both paths: a [0, 1] grey image -> ``(size, size)`` model input."""
-    return resize(square_pad(crop_image(windowed, crop)), size)
+NORMALISATIONS = ("none", "equalise")
+
+
+def equalise(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation of a [0, 1] image: each pixel -> the mid-rank of its grey value.
+
+    Any monotonic re-rendering (another window, gamma, contrast) of the same slice gives the
+    same result, up to values the rendering clipped together.
+    """
+    flat = image.ravel()
+    values, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    cdf = (np.cumsum(counts) - counts / 2.0) / flat.size
+    return cdf[inverse].reshape(image.shape).astype(np.float32)
+
+
+def normalise_image(windowed: np.ndarray, normalise: str = "none") -> np.ndarray:
+    """Apply the model's intensity normalisation (``ModelSpec.normalise``)."""
+    if normalise == "none":
+        return windowed
+    if normalise == "equalise":
+        return equalise(windowed)
+    raise ValueError(f"unknown normalisation {normalise!r}; expected one of {NORMALISATIONS}")
+
+
+def windowed_to_input(
+    windowed: np.ndarray, size: int, crop: str = "none", normalise: str = "none"
+) -> np.ndarray:
+    """Last common step of both paths: a [0, 1] grey image -> ``(size, size)`` model input.
+
+    Crop (``crop_image``), then intensity normalisation (``normalise_image``), square pad, resize.
+    """
+    return resize(square_pad(normalise_image(crop_image(windowed, crop), normalise)), size)
 
 
 def hu_to_input(
-    hu: np.ndarray, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+    hu: np.ndarray,
+    size: int,
+    window: Window = LUNG_WINDOW,
+    crop: str = "none",
+    normalise: str = "none",
 ) -> np.ndarray:
     """A slice in Hounsfield units -> model input (the node calls this after slice selection)."""
-    return windowed_to_input(apply_window(hu, window), size, crop)
+    return windowed_to_input(apply_window(hu, window), size, crop, normalise)
 
 
 def dicom_to_input(
-    ds: Dataset, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+    ds: Dataset,
+    size: int,
+    window: Window = LUNG_WINDOW,
+    crop: str = "none",
+    normalise: str = "none",
 ) -> np.ndarray:
     """The DICOM path used by training and by the node: CT dataset -> model input."""
-    return hu_to_input(hounsfield(ds), size, window, crop)
+    return hu_to_input(hounsfield(ds), size, window, crop, normalise)
 
 
 def read_dicom(path: str | Path) -> Dataset:
@@ -180,13 +217,15 @@ def grey_image_to_unit(pixels: np.ndarray) -> np.ndarray:
     return (arr.astype(np.float32) / np.float32(255.0)).astype(np.float32, copy=False)
 
 
-def image_file_to_input(path: str | Path, size: int, crop: str = "none") -> np.ndarray:
+def image_file_to_input(
+    path: str | Path, size: int, crop: str = "none", normalise: str = "none"
+) -> np.ndarray:
     """The 8-bit path: a PNG/JPG slice (already windowed by its publisher) -> model input."""
     from PIL import Image  # imported here so the node's DICOM path does not need it loaded
 
     with Image.open(path) as img:
         arr = np.asarray(img.convert("L") if img.mode not in ("L", "RGB", "RGBA") else img)
-    return windowed_to_input(grey_image_to_unit(arr), size, crop)
+    return windowed_to_input(grey_image_to_unit(arr), size, crop, normalise)
 
 
 def lung_fraction(hu: np.ndarray) -> float:

@@ -88,3 +88,28 @@ def test_body_box_of_a_synthetic_slice() -> None:
     assert crop_image(np.zeros((10, 10), np.float32), "body").shape == (10, 10)
     with pytest.raises(ValueError, match="unknown crop"):
         crop_image(img, "lungs")
+
+
+def test_equalise_ignores_monotonic_re_rendering() -> None:
+    from node.preprocess import equalise, normalise_image
+
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 100, (40, 40)).astype(np.float32)
+    a = apply_window(hu, Window(-600, 1500))
+    b = apply_window(hu, Window(-500, 1800)) ** 1.3  # another window and gamma, nothing clipped
+    np.testing.assert_allclose(equalise(a), equalise(b), atol=1e-6)
+    assert 0.0 < equalise(a).min() and equalise(a).max() < 1.0
+    assert normalise_image(a, "none") is a
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        normalise_image(a, "zscore")
+
+
+@needs_data
+def test_equalised_inputs_are_the_same_on_both_paths() -> None:
+    path = _first_dicom(CT_MD / "COVID" / "P001")
+    row = Row(str(path), "COVID-19", "p", "s", kind="dicom")
+    node = hu_to_input(hounsfield(read_dicom(path)), 64, LUNG_WINDOW, normalise="equalise")
+    np.testing.assert_array_equal(load_input(row, 64, LUNG_WINDOW, normalise="equalise"), node)
+    rendered = render(load_native(row), "dicom", 64, LUNG_WINDOW, None,
+                      np.random.default_rng(0), normalise="equalise")
+    np.testing.assert_array_equal(rendered, node)

@@ -64,6 +64,7 @@ def render(
     cfg: AugmentConfig | None,
     rng: np.random.Generator,
     crop: str = "none",
+    normalise: str = "none",
 ) -> np.ndarray:
     """A native slice (HU or [0, 1] grey) -> model input, intensity-augmented when ``cfg`` is set.
 
@@ -76,7 +77,7 @@ def render(
             grey = jitter_intensity(grey, cfg, rng, affine=False)
     else:
         grey = jitter_intensity(native, cfg, rng) if cfg else native
-    return windowed_to_input(grey, size, crop)
+    return windowed_to_input(grey, size, crop, normalise)
 
 
 def geometric_layers(cfg: AugmentConfig, seed: int) -> keras.Sequential:

@@ -113,6 +113,7 @@ class TrainConfig(_Strict):
     input_size: int = Field(224, ge=32, le=1024)
     window: WindowSpec = WindowSpec()
     crop: Literal["none", "body"] = "none"
+    normalise: Literal["none", "equalise"] = "none"
     backbone_weights: Literal["imagenet"] | None = "imagenet"
     dropout: float = 0.2
     sources: list[SourceConfig] = Field(min_length=1)

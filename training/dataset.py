@@ -346,21 +346,25 @@ def load_native(row: Row) -> np.ndarray:
 
 
 def load_input(
-    row: Row, size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+    row: Row, size: int, window: Window = LUNG_WINDOW, crop: str = "none", normalise: str = "none"
 ) -> np.ndarray:
     """One row -> the model input, by the node's own functions."""
     if row.kind == "dicom":
-        return hu_to_input(hounsfield(read_dicom(row.path)), size, window, crop)
-    return image_file_to_input(row.path, size, crop)
+        return hu_to_input(hounsfield(read_dicom(row.path)), size, window, crop, normalise)
+    return image_file_to_input(row.path, size, crop, normalise)
 
 
 def load_inputs(
-    rows: Sequence[Row], size: int, window: Window = LUNG_WINDOW, crop: str = "none"
+    rows: Sequence[Row],
+    size: int,
+    window: Window = LUNG_WINDOW,
+    crop: str = "none",
+    normalise: str = "none",
 ) -> np.ndarray:
     """Rows -> ``(n, size, size)`` float32 model inputs."""
     out = np.empty((len(rows), size, size), np.float32)
     for i, row in enumerate(rows):
-        out[i] = load_input(row, size, window, crop)
+        out[i] = load_input(row, size, window, crop, normalise)
     return out
 
 

@@ -132,6 +132,14 @@ def dicom_slice_auc(rows: Sequence[Row], pos: np.ndarray) -> dict[str, Any]:
     out["infected_vs_non_covid_auc"] = _auc(infected[keep].astype(int), pos[keep])
     keep = infected | normal
     out["infected_vs_normal_auc"] = _auc(infected[keep].astype(int), pos[keep])
+    within = {}
+    for pid in sorted({r.patient_id for r in rows if r.slice_label is not None}):
+        idx = [i for i, r in enumerate(rows) if r.patient_id == pid and r.slice_label is not None]
+        marked = np.array([rows[i].slice_label for i in idx])
+        auc = _auc(marked, pos[idx])
+        if auc is not None:
+            within[pid] = {"auc": auc, "marked": int(marked.sum()), "unmarked": int(len(idx) - marked.sum())}
+    out["within_patient_marked_vs_unmarked_auc"] = within
     return out
 
 
@@ -214,7 +222,8 @@ def evaluate_rows(
     model: Any, spec: ModelSpec, rows: Sequence[Row], batch_size: int = 32
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``rows`` (8-bit or DICOM slices) and their positive-class scores."""
-    inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop)
+    inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop,
+                         spec.normalise)
     probs = predict_proba(model, spec, inputs, batch_size)
     y = labels_array(rows, spec.classes)
     metrics = classification_metrics(
@@ -239,7 +248,8 @@ def evaluate_series(model: Any, spec: ModelSpec, rows: Sequence[Row]) -> dict[st
             entry["verdict"] = "rejected: too few lung slices"
         else:
             inputs = np.stack([hu_to_input(hus[i], spec.input_size, spec.window.as_window(),
-                                           crop=spec.crop) for i in keep])
+                                           crop=spec.crop, normalise=spec.normalise)
+                               for i in keep])
             scores = predict_proba(model, spec, inputs)[:, spec.positive_index]
             verdict = series_verdict(scores, spec.series_rule)
             expected = class_index(srows[0].label, spec.classes) == spec.positive_index

@@ -106,7 +106,8 @@ def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cach
     """Held-out metrics per source, the threshold and the chosen series rule."""
     pos_idx = spec.positive_index
     window = cfg.window.as_window()
-    inputs = cache.inputs(range(len(rows)), cfg.input_size, window, crop=cfg.crop)
+    inputs = cache.inputs(range(len(rows)), cfg.input_size, window, crop=cfg.crop,
+                          normalise=cfg.normalise)
     probs = predict_proba(model, spec, inputs)
     labels = np.array([class_index(r.label, cfg.classes) if u else -1
                        for r, u in zip(rows, usable, strict=True)])
@@ -183,7 +184,8 @@ def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: Nat
         raise ValueError(f"{out_dir / MODEL_FILE}: {size_mb:.1f} MB > {cfg.max_model_mb} MB")
     spec = ModelSpec(name=cfg.name, version=cfg.version, classes=cfg.classes,
                      positive_class=cfg.positive_class, input_size=cfg.input_size,
-                     window=cfg.window, crop=cfg.crop, preprocessing_version=PREPROCESSING_VERSION,
+                     window=cfg.window, crop=cfg.crop, normalise=cfg.normalise,
+                     preprocessing_version=PREPROCESSING_VERSION,
                      selection=cfg.selection)
     report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, lopo, spec, out_dir)
     for phase in ("head", "finetune"):

@@ -62,12 +62,14 @@ class NativeCache:
         cfg: AugmentConfig | None = None,
         rng: np.random.Generator | None = None,
         crop: str = "none",
+        normalise: str = "none",
     ) -> np.ndarray:
         """Model inputs of rows ``idx``; augmented (intensity) when ``cfg`` and ``rng`` are given."""
         rng = rng or np.random.default_rng(0)
         out = np.empty((len(idx), size, size), np.float32)
         for j, i in enumerate(idx):
-            out[j] = render(self.natives[i], self.kinds[i], size, window, cfg, rng, crop)
+            out[j] = render(self.natives[i], self.kinds[i], size, window, cfg, rng, crop,
+                            normalise)
         return out
 
 
@@ -93,12 +95,15 @@ def rendering_features(
     seed: int,
     cache_dir: Path,
     crop: str = "none",
+    normalise: str = "none",
 ) -> np.ndarray:
     """Features of rows ``idx`` in one rendering (0 = exact node input), cached on disk."""
     extra = {"r": rendering, "size": size, "window": asdict(window), "aug": asdict(cfg),
              "seed": seed, "n": len(idx), "rendered": cache.key()}
     if crop != "none":
         extra["crop"] = crop
+    if normalise != "none":
+        extra["normalise"] = normalise
     key = _key(cache.rows, idx, extra)
     path = cache_dir / f"features_r{rendering}_{key}.npy"
     if path.is_file():
@@ -108,7 +113,7 @@ def rendering_features(
     feats = []
     for start in tqdm(range(0, len(idx), BATCH), desc=f"features r{rendering}", leave=False):
         part = idx[start : start + BATCH]
-        x = cache.inputs(part, size, window, cfg if rendering else None, rng, crop)
+        x = cache.inputs(part, size, window, cfg if rendering else None, rng, crop, normalise)
         if aug is not None:
             x = np.asarray(aug(x[..., None], training=True))[..., 0]
         feats.append(embed(emb_model, np.clip(x, 0.0, 1.0)))

@@ -16,6 +16,33 @@ def _f(v: Any) -> str:
     return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def target_rows(report: dict[str, Any]) -> list[tuple[str, Any, str, bool | None]]:
+    """Issue 3's targets against the measured numbers: (what, measured, target, met)."""
+    src = report.get("sources", {})
+
+    def test_metric(name: str, key: str) -> Any:
+        return src.get(name, {}).get("held_out_test", {}).get(key)
+
+    out: list[tuple[str, Any, str, bool | None]] = []
+    for what, value, target in (
+        ("UCSD official test ROC AUC", test_metric("ucsd", "roc_auc"), 0.92),
+        ("UCSD official test accuracy", test_metric("ucsd", "accuracy"), 0.85),
+        ("MosMed held-out patients ROC AUC", test_metric("mosmed", "roc_auc"), 0.85),
+        ("DICOM infected-slice ROC AUC (LOPO)",
+         report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc"), 0.85),
+    ):
+        out.append((what, value, f">= {target}", None if value is None else value >= target))
+    verdicts = {v["patient_id"].split(":")[-1]: v for v in report.get("series_verdicts_lopo", {}).values()}
+    for patient, expected in (("P001", True), ("cap001", False), ("normal001", False)):
+        v = verdicts.get(patient)
+        got = None if v is None or v.get("rejected") else v["positive"]
+        out.append((f"series verdict {patient} (LOPO)",
+                    None if got is None else ("positive" if got else "negative"),
+                    "positive" if expected else "negative",
+                    None if got is None else got == expected))
+    return out
+
+
 def _source_lines(report: dict[str, Any]) -> list[str]:
     lines = ["| source | held out as | n | accuracy | ROC AUC | sensitivity | specificity |",
              "|---|---|---|---|---|---|---|"]
@@ -65,7 +92,12 @@ def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
                      f"{s['slices_trained_on']} | {s['slices_validation']} | "
                      f"{s['slices_held_out_test']} | {'yes' if s['lopo'] else 'no'} |")
     lines += ["", "Citations: " + "; ".join(s["citation"] for s in sources if s["citation"]), "",
-              "## Measured performance (data the scored model did not train on)", ""]
+              "## Targets (issue 3) against measured numbers", "",
+              "| what | measured | target | met |", "|---|---|---|---|"]
+    for what, value, target, met in target_rows(report):
+        lines.append(f"| {what} | {_f(value)} | {target} | "
+                     f"{'n/a' if met is None else 'yes' if met else '**NO**'} |")
+    lines += ["", "## Measured performance (data the scored model did not train on)", ""]
     lines += _source_lines(report)
     if "dicom_lopo_all" in report:
         d = report["dicom_lopo_all"]
@@ -74,6 +106,9 @@ def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
                       f"{_f(d['infected_vs_non_covid_auc'])}, vs Normal/non-COVID-only patients "
                       f"{_f(d['infected_vs_normal_auc'])} ({d['n_infected']} infected, "
                       f"{d['n_non_covid']} non-COVID slices)."]
+        for pid, w in d.get("within_patient_marked_vs_unmarked_auc", {}).items():
+            lines.append(f"Within {pid}: slices radiologists marked infected vs unmarked, "
+                         f"ROC AUC {_f(w['auc'])} ({w['marked']} vs {w['unmarked']}).")
     if "series_verdicts_lopo" in report:
         lines += ["", "Series verdicts (leave-one-patient-out):", ""]
         for v in report["series_verdicts_lopo"].values():

@@ -213,12 +213,14 @@ class Phase1:
         self.usable = usable
         self.all_idx = list(range(len(rows)))
         self.base = rendering_features(emb, cache, self.all_idx, 0, cfg.input_size, window,
-                                       aug, cfg.seed, work / "features", cfg.crop)
+                                       aug, cfg.seed, work / "features", cfg.crop,
+                                       cfg.normalise)
         self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
         self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
         self.aug_feats = [
             rendering_features(emb, cache, self.train_idx, r, cfg.input_size, window, aug,
-                               cfg.seed, work / "features", cfg.crop)
+                               cfg.seed, work / "features", cfg.crop,
+                                       cfg.normalise)
             for r in range(1, cfg.head.renderings + 1)
         ]
         self.labels = np.array([class_index(r.label, cfg.classes) if u else -1
@@ -348,7 +350,8 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             for split, idx in (("train", phase1.train_idx), ("val", phase1.val_idx)):
                 if idx:
                     y = phase1.labels[idx]
-                    data[split] = (cache.inputs(idx, cfg.input_size, window, crop=cfg.crop), y,
+                    data[split] = (cache.inputs(idx, cfg.input_size, window, crop=cfg.crop,
+                                                normalise=cfg.normalise), y,
                                    sample_weights(y, [rows[i].source for i in idx],
                                                   phase1.source_weight))
             finetune(model, cfg, cfg.finetune, data, work / "finetune", extra_callbacks)
