@@ -51,6 +51,46 @@ class Window:
 LUNG_WINDOW = Window(-600.0, 1500.0)
 
 
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def native_pixels(ds: Dataset) -> np.ndarray | None:
+    """``ds.pixel_array`` of a plain uncompressed 16-bit single-frame slice, or None.
+
+    Returns exactly what pydicom returns for such a slice (little-endian words, unused high bits
+    cleared or sign-extended as its ``correct_unused_bits`` does) without its decoder set-up,
+    which cost more than all of the HU arithmetic per slice.  Anything else (compressed, big
+    endian, multi-frame, short or odd pixel data, missing attributes) gets None: use pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        stored, signed = int(ds.BitsStored), int(ds.PixelRepresentation)
+        plain = (
+            int(ds.BitsAllocated) == 16
+            and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+            and int(ds.get("NumberOfFrames", 1) or 1) == 1
+            and 1 <= stored <= 16
+            and signed in (0, 1)
+            and rows > 0
+            and cols > 0
+        )
+        raw = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not plain or not isinstance(raw, bytes) or len(raw) < rows * cols * 2:
+        return None
+    dtype = "<i2" if signed else "<u2"
+    pixels = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols).copy()
+    if stored < 16:
+        shift = 16 - stored
+        np.left_shift(pixels, shift, out=pixels)
+        np.right_shift(pixels, shift, out=pixels)
+    return pixels.astype(np.dtype(dtype).newbyteorder("="), copy=False)
+
+
 def hounsfield(ds: Dataset) -> np.ndarray:
     """Return the slice in Hounsfield units as float32.
 
@@ -63,10 +103,12 @@ def hounsfield(ds: Dataset) -> np.ndarray:
     """
     if "PixelData" not in ds:
         raise InvalidInstance("no Pixel Data")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for undecodable pixel data
-        raise InvalidInstance(f"pixel data cannot be decoded: {exc}") from exc
+    pixels = native_pixels(ds)
+    if pixels is None:
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for undecodable pixel data
+            raise InvalidInstance(f"pixel data cannot be decoded: {exc}") from exc
     if pixels.ndim != 2:
         raise InvalidInstance(f"expected one 2-D frame, got pixel array of shape {pixels.shape}")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
