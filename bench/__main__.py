@@ -56,6 +56,79 @@ def summarise(benchmarks: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _get(result: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def table(document: dict[str, Any]) -> str:
+    """The headline figures of a results file as a Markdown table (for the README)."""
+    b = document.get("benchmarks", {})
+    rows: list[tuple[str, Any, str]] = []
+
+    def add(label: str, value: Any, goal: str = "") -> None:
+        rows.append((label, "-" if value is None else value, goal))
+
+    ing = b.get("ingest", {})
+    add(
+        "ingest: storescp instances/s (MB/s)",
+        f"{_get(ing, 'storescp', 'instances_per_s')} ({_get(ing, 'storescp', 'mb_per_s')})",
+    )
+    add("ingest: bare pynetdicom instances/s", _get(ing, "bare_pynetdicom", "instances_per_s"))
+    add(
+        "ingest: node instances/s (MB/s)",
+        f"{_get(ing, 'node', 'instances_per_s')} ({_get(ing, 'node', 'mb_per_s')})",
+    )
+    add(
+        "ingest: ratio node / storescp", _get(ing, "ratio_node_to_storescp_paired_median"), ">= 0.6"
+    )
+    pre = b.get("preprocessing", {})
+    add("preprocessing: slices/s, 1 core", _get(pre, "vectorised_slices_per_s"), ">= 300")
+    add("preprocessing: thesis loop slices/s", _get(pre, "thesis_loop_slices_per_s"))
+    add("preprocessing: ratio to loop", _get(pre, "ratio_vectorised_to_loop"), ">= 200")
+    inf = b.get("inference", {})
+    for c in _get(inf, "configs") or []:
+        name = f"{c['runtime']}{' +tcmalloc' if c.get('tcmalloc') else ''} batch {c['batch']}"
+        if c.get("node_default"):
+            name = f"{c['runtime']} as the node runs it (batch {c['batch']}, "
+            name += f"invoke {c['invoke_batch']})"
+        add(
+            f"inference: {name}: slices/s, peak RSS MB",
+            f"{c['slices_per_s']}, {c['peak_rss_mb']}",
+            ">= 60, <= 1536" if c.get("node_default") else "",
+        )
+    add(
+        "inference: max abs probability diff LiteRT vs Keras",
+        _get(inf, "agreement", "max_abs_prob_diff"),
+        "<= 1e-3",
+    )
+    add(
+        "inference: EfficientNetB7 @512 slices/s, peak RSS MB",
+        f"{_get(inf, 'b7_baseline', 'slices_per_s')}, {_get(inf, 'b7_baseline', 'peak_rss_mb')}",
+    )
+    e2e = b.get("e2e", {})
+    add("e2e: last instance -> SR acknowledged, s", _get(e2e, "median", "total_s"))
+    add("e2e: of which quiet timer, s", _get(e2e, "median", "quiet_timer_s"))
+    add("e2e: after the quiet timer, s", _get(e2e, "median", "after_quiet_s"), "<= 10")
+    sc = b.get("scale", {})
+    for p in _get(sc, "points") or []:
+        add(
+            f"scale: {p['instance_rows']} rows: ingest/s, status ms",
+            f"{p['ingest_instances_per_s']}, {p['status_ms']}",
+        )
+    add(
+        "scale: ingest / status at largest vs empty",
+        f"{_get(sc, 'ingest_ratio_largest_to_empty')}, {_get(sc, 'status_ratio_largest_to_empty')}",
+        ">= 0.8, <= 1.2",
+    )
+    lines = ["| figure | value | target |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {value} | {goal} |" for label, value, goal in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
@@ -67,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: few slices, one run")
     parser.add_argument("--out", type=Path, help="results file to merge into")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print the results file as a Markdown table, run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads((args.out or RESULTS).read_text())))
+        return 0
     names = args.names or list(BENCHMARKS)
     out_path: Path = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     benchmarks = run_benchmarks(names, args.quick)
