@@ -100,11 +100,8 @@ def table(document: dict[str, Any]) -> str:
             f"{c['slices_per_s']}, {c['peak_rss_mb']}",
             ">= 60, <= 1536" if c.get("node_default") else "",
         )
-    add(
-        "inference: max abs probability diff LiteRT vs Keras",
-        _get(inf, "agreement", "max_abs_prob_diff"),
-        "<= 1e-3",
-    )
+    diff = _get(inf, "agreement", "max_abs_prob_diff")
+    add("inference: max abs probability diff LiteRT vs Keras", diff and f"{diff:.1e}", "<= 1e-3")
     add(
         "inference: EfficientNetB7 @512 slices/s, peak RSS MB",
         f"{_get(inf, 'b7_baseline', 'slices_per_s')}, {_get(inf, 'b7_baseline', 'peak_rss_mb')}",

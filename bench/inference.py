@@ -143,7 +143,7 @@ def child_b7(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    count = 32 if quick else 96
+    count = 32 if quick else 64
     runs = 1 if quick else 3
     batches = (1, 16) if quick else BATCHES
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
