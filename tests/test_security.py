@@ -30,7 +30,6 @@ from tests.faultkit import (
     db_query,
     jobs,
     make_rig,
-    send_files,
     sr_in_study,
 )
 from tests.nodeproc import NodeProcess, node_config
@@ -116,7 +115,8 @@ def test_allow_list_host_called_ae_and_association_limits(
     rigs.append(rig.node)
     rig.node.start()
     port = rig.port
-    assert echo_from(port)  # STORESCU from 127.0.0.1: allowed
+    # STORESCU from 127.0.0.1 is allowed; the start-up probes may briefly fill both slots
+    wait_for(lambda: echo_from(port), 10, interval=0.5, what="an allowed caller served")
     # the right AE title from the wrong host (127.0.0.2 is loopback too)
     assert not echo_from(port, bind="127.0.0.2")
     assert not echo_from(port, aet="INTRUDER")
@@ -294,9 +294,14 @@ def test_tls_scp_and_tls_delivery(tmp_path: Path, tiny_model_dir: Path, rigs: li
         assert echo_from(port, tls_args=(client_context(pki), "localhost"))
         assert time.monotonic() - started < 3
 
+    # a real DICOM TLS client: DCMTK storescu with a client certificate from the test CA
     files = series_files(TCIA_SIEMENS_B40F)
-    sent = send_files(port, files, tls_args=(client_context(pki), "localhost"))
-    assert sent.succeeded == set(sent.statuses) and len(sent.statuses) == len(files)
+    tls = ["+tls", str(pki["client.key"]), str(pki["client"]), "+cf", str(pki["ca"])]
+    storescu(files, port=port, aec="TRIAGE", aet="STORESCU", extra=tls)
+    db = tmp_path / "node" / "node.sqlite3"
+    assert db_query(db, "SELECT COUNT(*) FROM instances")[0][0] == len(files)
+    plain = storescu(files[:1], port=port, aec="TRIAGE", aet="STORESCU", check=False)
+    assert plain.returncode != 0
     wait_for(lambda: len(pacs.received) == 1, 120, interval=0.5, what="the SR over TLS")
     assert pacs.received[0].StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     assert [j[3] for j in jobs(tmp_path / "node" / "node.sqlite3")] == ["done"]
