@@ -297,14 +297,14 @@ def test_database_locked_by_another_process(
             "storage": {
                 "spool_dir": "spool",
                 "database_url": "sqlite:///node.sqlite3",
-                "db_busy_timeout_s": 1.0,
+                "db_busy_timeout_s": 2.0,
             }
         },
     )
     rigs.append(rig)
     rig.node.start()
     # 1. a short lock (shorter than the busy timeout): the node waits and stores
-    holder = hold_write_lock(rig.db, 0.4)
+    holder = hold_write_lock(rig.db, 0.3)
     sent = send_files(rig.port, files[:3])
     holder.wait(10)
     release(holder)
