@@ -41,6 +41,7 @@ from tests.faultkit import (
 )
 from tests.nodeproc import NodeProcess, node_config
 from tests.peers import (
+    CTMD_NORMAL,
     TCIA_SIEMENS_B40F,
     TCIA_SIEMENS_B70F,
     free_port,
@@ -64,7 +65,7 @@ PHI_NAMES = ["Müller^Jörg", "Ōtani^Shōhei", "山田^太郎"]
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Rig]:
-    require_shared_data(TCIA_SIEMENS_B40F, TCIA_SIEMENS_B70F)
+    require_shared_data(TCIA_SIEMENS_B40F, TCIA_SIEMENS_B70F, CTMD_NORMAL)
     workdir = tmp_path_factory.mktemp("bad-input")
     port = free_port()
     orthanc = start_orthanc(workdir / "pacs", modalities={"NODE": ("TRIAGE", "127.0.0.1", port)})
@@ -255,6 +256,15 @@ def unreadable_geometry(tmp: Path) -> list[Path]:
     return save(datasets, tmp)
 
 
+def huge_dimensions_compressed(tmp: Path) -> list[Path]:
+    """JPEG Lossless slices claiming 65535 x 65535: the encapsulated data cannot be checked
+    against the claim at ingest, so the series check must refuse before decoding (8 GiB)."""
+    datasets = [pydicom.dcmread(f) for f in series_files(CTMD_NORMAL)[30:33]]
+    for ds in new_series(datasets, "huge-jpeg"):
+        ds.Rows = ds.Columns = 65535
+    return save(datasets, tmp)
+
+
 def enhanced_ct_multiframe(tmp: Path) -> list[Path]:
     """Six real slices as the frames of one Enhanced CT object (frame data only, not a full
     Enhanced CT IOD: what matters here is what the node does with a multi-frame CT)."""
@@ -316,6 +326,7 @@ CASES = [
         reason="ImageOrientationPatient is not numeric",
     ),
     Case(enhanced_ct_multiframe, outcome="not analysed", reason="Enhanced CT"),
+    Case(huge_dimensions_compressed, outcome="not analysed", reason="outside 1..4096"),
     Case(
         charset("latin1", "ISO_IR 100", "Tórax Simple", PHI_NAMES[0]),
         outcome="analysed",
