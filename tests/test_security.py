@@ -4,6 +4,8 @@ for delivery (with a CA made here), no patient data in what the node writes, pri
 from __future__ import annotations
 
 import gc
+import json
+import os
 import socket
 import ssl
 import stat
@@ -243,14 +245,43 @@ class TLSStorePACS:
         self.server.shutdown()
 
 
-def test_tls_scp_and_tls_delivery(tmp_path: Path, tiny_model_dir: Path, rigs: list[Any]) -> None:
+def tls_orthanc(
+    orthanc_factory: Callable[..., Orthanc], pki: dict[str, Path], node_port: int
+) -> Orthanc:
+    """A real Orthanc whose DICOM port speaks TLS only and requires a client certificate."""
+    orthanc = orthanc_factory(modalities={"NODE": ("TRIAGE", "127.0.0.1", node_port)})
+    orthanc.stop()
+    owner = orthanc.root.stat()
+    for name in ("ca", "pacs", "pacs.key"):  # readable by the user Orthanc runs as
+        copy = orthanc.root / pki[name].name
+        copy.write_bytes(pki[name].read_bytes())
+        os.chown(copy, owner.st_uid, owner.st_gid)
+    config = json.loads(orthanc.config_path.read_text())
+    config.update(
+        {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(orthanc.root / "pacs.pem"),
+            "DicomTlsPrivateKey": str(orthanc.root / "pacs.key"),
+            "DicomTlsTrustedCertificates": str(orthanc.root / "ca.pem"),
+            "DicomTlsRemoteCertificateRequired": True,
+        }
+    )
+    orthanc.config_path.write_text(json.dumps(config))
+    return orthanc.start()
+
+
+def test_tls_scp_and_tls_delivery(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    orthanc_factory: Callable[..., Orthanc],
+    rigs: list[Any],
+) -> None:
     """TLS clients with a CA-signed certificate get in; plain TCP, no certificate, or another CA
-    do not; a silent connection does not block others; the SR goes out over TLS too."""
+    do not; a silent connection does not block others; the SR goes to a TLS-only Orthanc."""
     require_shared_data(TCIA_SIEMENS_B40F)
     pki = make_pki(tmp_path / "pki")
-    pacs = TLSStorePACS(pki)
-    rigs.append(pacs)
     port = free_port()
+    pacs = tls_orthanc(orthanc_factory, pki, port)
     config = node_config(
         tmp_path / "node", port=port, model_dir=tiny_model_dir, pacs_port=None, quiet_s=1.0
     )
@@ -267,9 +298,9 @@ def test_tls_scp_and_tls_delivery(tmp_path: Path, tiny_model_dir: Path, rigs: li
     raw["peers"] = [
         {
             "name": "pacs",
-            "ae_title": "PACS",
+            "ae_title": pacs.aet,
             "host": "127.0.0.1",
-            "port": pacs.port,
+            "port": pacs.dicom_port,
             "tls": {
                 "ca_file": str(pki["ca"]),
                 "cert_file": str(pki["node"]),
@@ -303,9 +334,9 @@ def test_tls_scp_and_tls_delivery(tmp_path: Path, tiny_model_dir: Path, rigs: li
     assert db_query(db, "SELECT COUNT(*) FROM instances")[0][0] == len(files)
     plain = storescu(files[:1], port=port, aec="TRIAGE", aet="STORESCU", check=False)
     assert plain.returncode != 0
-    wait_for(lambda: len(pacs.received) == 1, 120, interval=0.5, what="the SR over TLS")
-    assert pacs.received[0].StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
-    assert [j[3] for j in jobs(tmp_path / "node" / "node.sqlite3")] == ["done"]
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: len(sr_in_study(pacs, study_uid)) == 1, 120, interval=0.5, what="SR via TLS")
+    wait_for(lambda: [j[3] for j in jobs(db)] == ["done"], 30, interval=0.5, what="job done")
 
 
 def test_tls_delivery_refuses_a_pacs_with_an_untrusted_certificate(tmp_path: Path) -> None:
