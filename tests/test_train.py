@@ -121,3 +121,20 @@ def test_folded_head_equals_head_on_standardised_features() -> None:
     expected = head.predict((x - mu) / sd, verbose=0)
     kernel, bias = fold_standardisation(head, mu, sd)
     np.testing.assert_allclose(head_predict(x, kernel, bias), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_series_rule_choice_does_not_reward_calling_everything_negative() -> None:
+    from node.model_spec import SeriesRule
+    from training.export import choose_series_rule
+
+    series = {
+        "a": {"patient_id": "a", "label": "COVID-19", "positive": True, "selected": 6,
+              "scores": [0.95, 0.9, 0.8, 0.7, 0.2, 0.1]},
+        **{n: {"patient_id": n, "label": "Normal", "positive": False, "selected": 6,
+               "scores": [0.85, 0.3, 0.2, 0.1, 0.1, 0.1]} for n in "bcd"},
+    }
+    silent = SeriesRule(kind="top_k_mean", k=1, series_threshold=0.99)
+    useful = SeriesRule(kind="top_k_mean", k=3, series_threshold=0.5)
+    rule, results = choose_series_rule(series, [silent, useful], min_slices=5)
+    assert rule == useful
+    assert results[1]["balanced_accuracy"] == 1.0 and results[0]["balanced_accuracy"] == 0.5

@@ -68,10 +68,12 @@ def lopo_series(rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float],
 
 def choose_series_rule(series: dict[str, dict[str, Any]], candidates: Sequence[SeriesRule],
                        min_slices: int) -> tuple[SeriesRule, list[dict[str, Any]]]:
-    """The candidate with most correct LOPO verdicts, then the widest margin."""
+    """The candidate with the best LOPO balanced accuracy over series (mean of sensitivity and
+    specificity, so calling every series negative cannot win just because most are negative),
+    then the higher sensitivity (a triage aid should not miss), then the widest margin."""
     results = []
     for rule in candidates:
-        verdicts, margins = {}, []
+        verdicts, margins, hits = {}, [], {True: [], False: []}
         for uid, s in series.items():
             if s["selected"] < min_slices:
                 verdicts[uid] = {"patient_id": s["patient_id"], "rejected": True}
@@ -79,17 +81,23 @@ def choose_series_rule(series: dict[str, dict[str, Any]], candidates: Sequence[S
             score = series_score(np.asarray(s["scores"]), rule)
             called = score >= rule.series_threshold
             margins.append((score - rule.series_threshold) * (1 if s["positive"] else -1))
+            hits[s["positive"]].append(called == s["positive"])
             verdicts[uid] = {"patient_id": s["patient_id"], "label": s["label"],
                              "score": round(score, 4), "positive": bool(called),
                              "correct": bool(called == s["positive"])}
-        correct = sum(v.get("correct", False) for v in verdicts.values())
-        results.append({"rule": rule.model_dump(exclude={"justification"}), "correct": correct,
-                        "scored": len(margins), "min_margin": min(margins) if margins else None,
-                        "verdicts": verdicts})
+        sens = float(np.mean(hits[True])) if hits[True] else None
+        spec = float(np.mean(hits[False])) if hits[False] else None
+        balanced = float(np.mean([v for v in (sens, spec) if v is not None])) if margins else 0.0
+        results.append({"rule": rule.model_dump(exclude={"justification"}),
+                        "correct": sum(v.get("correct", False) for v in verdicts.values()),
+                        "scored": len(margins), "sensitivity": sens, "specificity": spec,
+                        "balanced_accuracy": balanced,
+                        "min_margin": min(margins) if margins else None, "verdicts": verdicts})
     if not results:
         raise ValueError("no series rule candidates")
-    best = max(range(len(results)),
-               key=lambda j: (results[j]["correct"], results[j]["min_margin"] or -1.0))
+    best = max(range(len(results)), key=lambda j: (
+        results[j]["balanced_accuracy"], results[j]["sensitivity"] or 0.0,
+        results[j]["min_margin"] if results[j]["min_margin"] is not None else -1.0))
     return candidates[best], results
 
 
@@ -166,9 +174,11 @@ def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cach
                           f"({v.get('score', 'rejected')})" for v in chosen["verdicts"].values())
         rule = rule.model_copy(update={"justification": (
             f"Chosen among {len(results)} candidate rules by leave-one-patient-out series "
-            f"verdicts on the Hounsfield DICOM series ({chosen['correct']}/{chosen['scored']} "
-            f"correct, smallest margin {chosen['min_margin']:.3f}): {names}. See "
-            "evaluation.json 'series_rule_candidates'.")})
+            f"verdicts on the Hounsfield DICOM series: balanced accuracy "
+            f"{chosen['balanced_accuracy']:.2f} (sensitivity {chosen['sensitivity']}, "
+            f"specificity {chosen['specificity']}; {chosen['correct']}/{chosen['scored']} "
+            f"correct): {names}. Selected on only {chosen['scored']} series, so it is tuned "
+            "to them; see evaluation.json 'series_rule_candidates'.")})
     if curves:
         plot_roc(curves, out_dir / "roc.png")
     return report, thr, rule
