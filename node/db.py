@@ -145,8 +145,11 @@ def _create_private(path: Path) -> None:
     open it; the folder is created 0700 for the same reason.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    path.chmod(0o600)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return  # an existing database keeps its owner and mode (`status` may run as another user)
+    path.chmod(0o600)  # in case the umask took bits away from 0600
 
 
 def make_engine(url: str, *, busy_timeout_s: float = 10.0) -> Engine:
