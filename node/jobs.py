@@ -1,8 +1,9 @@
 """Queue stage: the ``jobs`` table is the queue.
 
 ``queued -> running -> done | failed``.  A job has two stages: ``analyse`` (runs once per series
-version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the SR;
-retried with exponential backoff, then dead-lettered as ``failed`` with the reason).
+version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the SR).
+Transient failures of either (network, disk full) are retried with exponential backoff, then
+dead-lettered as ``failed`` with the reason.
 """
 
 from __future__ import annotations
@@ -104,17 +105,18 @@ def backoff(attempts: int, retry: RetrySettings) -> float:
     return float(min(retry.max_backoff_s, retry.initial_backoff_s * 2 ** max(0, attempts - 1)))
 
 
-def delivery_failed(
+def attempt_failed(
     sessions: sessionmaker[Any], job: ClaimedJob, error: str, retry: RetrySettings
 ) -> str:
-    """Schedule a retry with backoff, or dead-letter after ``max_attempts``; return the state."""
+    """A transient failure (delivery, disk): retry the same stage with backoff, or dead-letter
+    after ``max_attempts``; return the new state."""
     if job.attempts >= retry.max_attempts:
         update_job(
             sessions,
             job.job_id,
             state=JobState.FAILED,
             finished_at=utcnow(),
-            last_error=f"delivery failed {job.attempts} times, last: {error}",
+            last_error=f"{job.stage} failed {job.attempts} times, last: {error}",
         )
         return JobState.FAILED
     delay = backoff(job.attempts, retry)

@@ -92,6 +92,18 @@ def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
         else:
             sr_path = Path(_job_row(ctx, job.job_id).sr_path)
         return deliver(job, sr_path, ctx)
+    except OSError as exc:  # disk full, spool unreadable: transient, retry with backoff
+        state = jobs.attempt_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
+        logger.warning(
+            "job %d series %s: %s stage failed (attempt %d, now %s): %s",
+            job.job_id,
+            job.series_instance_uid,
+            job.stage,
+            job.attempts,
+            state,
+            exc,
+        )
+        return state
     except Exception as exc:  # the one place that catches everything: record it, never crash
         logger.exception("job %d series %s failed", job.job_id, job.series_instance_uid)
         jobs.failed(ctx.sessions, job.job_id, f"{type(exc).__name__}: {exc}")
@@ -157,7 +169,7 @@ def deliver(job: jobs.ClaimedJob, sr_path: Path, ctx: Context) -> str:
         store_files([sr_path], ctx.settings.peer(target), ctx.settings.node.ae_title)
     except (SendFailed, NodeError, OSError) as exc:
         metrics.DELIVERY_FAILURES.inc()
-        state = jobs.delivery_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
+        state = jobs.attempt_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
         logger.warning(
             "job %d series %s: delivery to %s failed (attempt %d, now %s): %s",
             job.job_id,
