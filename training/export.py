@@ -188,7 +188,9 @@ def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: Nat
            usable: np.ndarray, lopo: dict[str, float], work: Path) -> Path:
     out_dir = cfg.resolved(cfg.output_root) / cfg.name / cfg.version
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(out_dir / MODEL_FILE)
+    clean = keras.models.clone_model(model)  # uncompiled: no optimizer state in the file
+    clean.set_weights(model.get_weights())
+    clean.save(out_dir / MODEL_FILE)
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 1e6
     if size_mb > cfg.max_model_mb:
         raise ValueError(f"{out_dir / MODEL_FILE}: {size_mb:.1f} MB > {cfg.max_model_mb} MB")

@@ -59,6 +59,17 @@ def _source_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _warning(report: dict[str, Any]) -> list[str]:
+    """A loud line when the model is no better than chance on the node's real input."""
+    auc = report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc")
+    if auc is None or auc >= 0.6:
+        return []
+    return [f"> **WARNING: on Hounsfield DICOM (the node's only input) this model ranked infected "
+            f"slices of held-out patients no better than chance (ROC AUC {auc:.2f}, "
+            "leave-one-patient-out). Do not use its verdicts for triage; it is shipped so the "
+            "pipeline runs end to end and as the measured baseline to beat.**", ""]
+
+
 def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
                      sources: list[dict[str, Any]]) -> None:
     extra = spec.model_extra or {}
@@ -71,6 +82,7 @@ def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
         "diagnosis**, it does not replace RT-PCR or a radiologist's read, and it must not be used "
         "to rule COVID-19 out.",
         "",
+        *_warning(report),
         "## Model",
         f"- classes {spec.classes}, positive class {spec.positive_class!r}; "
         f"backbone {extra.get('backbone', '')}; input {spec.input_size}x{spec.input_size} grey, "
@@ -126,5 +138,7 @@ def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
               "- Only one real pneumonia (CAP) patient: the model does not separate COVID-19 from "
               "other pneumonias reliably, and no Pneumonia class is offered.",
               "- Slice labels of COVID-CT-MD CAP patients are less certain (upstream README).",
-              "", "See `evaluation.json` for every number, per patient, and the PNGs here."]
+              "", "See `evaluation.json` for every number, per patient, and the PNGs here; "
+              "design ablations (rendering, crop, equalisation, input size, data mix, fine-tuning), "
+              "where run, are in `ablation.jsonl` (`python -m training.ablation`)."]
     (out_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

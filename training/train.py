@@ -193,7 +193,7 @@ def fit(
     verbose = (1 if sys.stdout.isatty() else 2) if log_dir is not None else 0
     if dataset:
         model.fit(train[0], validation_data=val, epochs=opt.epochs, callbacks=callbacks,
-                  verbose=verbose)
+                  verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
     else:
         x, y, w = train
         model.fit(x, y, sample_weight=w, batch_size=opt.batch_size, epochs=opt.epochs,
