@@ -67,3 +67,13 @@ def test_series_rules() -> None:
     rule = SeriesRule(kind="fraction_above", slice_threshold=0.5, series_threshold=0.5)
     assert series_score(scores, rule) == pytest.approx(0.6)
     assert series_verdict(scores, rule).positive
+
+
+def test_evaluate_manifest_with_rendered_window(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = make_csv_source(tmp_path / "eval")
+    assert main(["--model", str(tiny_model), "--manifest", str(manifest),
+                 "--rendered-window", "-600", "3300"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["manifest"]["n"] == 12

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from node.model_spec import MODEL_FILE, ModelSpec, load_spec
-from node.preprocess import hounsfield, hu_to_input, lung_fraction, read_dicom
+from node.preprocess import Window, hounsfield, hu_to_input, lung_fraction, read_dicom
 from training.dataset import (
     COVID,
     Row,
@@ -33,6 +33,7 @@ from training.dataset import (
     read_csv_manifest,
     read_dicom_series,
 )
+from training.features import NativeCache
 from training.predict import predict_proba, series_verdict
 
 logger = logging.getLogger(__name__)
@@ -219,11 +220,25 @@ def plot_training_curves(log_csv: Path, path: Path) -> bool:
 
 
 def evaluate_rows(
-    model: Any, spec: ModelSpec, rows: Sequence[Row], batch_size: int = 32
+    model: Any,
+    spec: ModelSpec,
+    rows: Sequence[Row],
+    batch_size: int = 32,
+    rendered_window: Window | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics of ``rows`` (8-bit or DICOM slices) and their positive-class scores."""
-    inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop,
-                         spec.normalise)
+    """Metrics of ``rows`` (8-bit or DICOM slices) and their positive-class scores.
+
+    ``rendered_window``: the window an 8-bit source was rendered with, as given to training
+    (``SourceConfig.rendered_window``); its images are then mapped back to approximate HU and
+    rendered like DICOM, exactly as the model saw that source in training.
+    """
+    if rendered_window is None:
+        inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop,
+                             spec.normalise)
+    else:
+        cache = NativeCache(rows, {r.source: rendered_window for r in rows})
+        inputs = cache.inputs(range(len(rows)), spec.input_size, spec.window.as_window(),
+                              crop=spec.crop, normalise=spec.normalise)
     probs = predict_proba(model, spec, inputs, batch_size)
     y = labels_array(rows, spec.classes)
     metrics = classification_metrics(
@@ -288,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, help="CSV: path,label[,patient_id]")
     parser.add_argument("--dicom", type=Path, help="folder of DICOM series")
     parser.add_argument("--label", help="label of every series under --dicom")
+    parser.add_argument("--rendered-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
+                        help="8-bit --manifest images were rendered from HU with this window "
+                        "(as the source's rendered_window in the training config)")
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: no PNGs)")
     args = parser.parse_args(argv)
     if not (args.manifest or args.dicom):
@@ -300,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = {}
     if args.manifest:
         rows = read_csv_manifest(args.manifest)
-        report["manifest"], scores = evaluate_rows(model, spec, rows)
+        rendered = Window(*args.rendered_window) if args.rendered_window else None
+        report["manifest"], scores = evaluate_rows(model, spec, rows, rendered_window=rendered)
         y = labels_array(rows, spec.classes)
         curves["manifest"] = ((y == spec.positive_index).astype(int), scores)
         if args.out:
