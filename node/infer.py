@@ -100,7 +100,6 @@ def load_model(
 
 def _prepare(spec: ModelSpec, refs: list[SliceRef]) -> tuple[list[SliceRef], list[np.ndarray]]:
     """Read ``refs``, keep the slices with enough lung, and preprocess them as training did."""
-    window = spec.window.as_window()
     selected: list[SliceRef] = []
     inputs: list[np.ndarray] = []
     for ref in refs:
@@ -112,7 +111,7 @@ def _prepare(spec: ModelSpec, refs: list[SliceRef]) -> tuple[list[SliceRef], lis
         if preprocess.lung_fraction(hu) < spec.selection.min_lung_fraction:
             continue
         selected.append(ref)
-        inputs.append(preprocess.hu_to_input(hu, spec.input_size, window))
+        inputs.append(spec.hu_to_input(hu))
     return selected, inputs
 
 

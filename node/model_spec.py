@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from node import preprocess
 from node.errors import ModelError
 from node.preprocess import PREPROCESSING_VERSION, Window
 
@@ -84,6 +86,22 @@ class ModelSpec(BaseModel):
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
+
+    def hu_to_input(self, hu: np.ndarray) -> np.ndarray:
+        """A slice in HU -> this model's input: every preprocessing field of the spec applied.
+
+        The node, the web console and evaluation call this (never ``preprocess`` with their own
+        arguments), so a model that changes window, size, crop or normalisation needs no code.
+        """
+        return preprocess.hu_to_input(
+            hu, self.input_size, self.window.as_window(), crop=self.crop, normalise=self.normalise
+        )
+
+    def image_file_to_input(self, path: str | Path) -> np.ndarray:
+        """An 8-bit PNG/JPG slice -> this model's input (same crop/normalisation as DICOM)."""
+        return preprocess.image_file_to_input(
+            path, self.input_size, crop=self.crop, normalise=self.normalise
+        )
 
 
 def file_sha256(path: Path) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from node.model_spec import MODEL_FILE, ModelSpec, load_spec
-from node.preprocess import Window, hounsfield, hu_to_input, lung_fraction, read_dicom
+from node.preprocess import Window, hounsfield, lung_fraction, read_dicom
 from training.dataset import (
     COVID,
     Row,
@@ -262,9 +262,7 @@ def evaluate_series(model: Any, spec: ModelSpec, rows: Sequence[Row]) -> dict[st
         if len(keep) < spec.selection.min_slices:
             entry["verdict"] = "rejected: too few lung slices"
         else:
-            inputs = np.stack([hu_to_input(hus[i], spec.input_size, spec.window.as_window(),
-                                           crop=spec.crop, normalise=spec.normalise)
-                               for i in keep])
+            inputs = np.stack([spec.hu_to_input(hus[i]) for i in keep])
             scores = predict_proba(model, spec, inputs)[:, spec.positive_index]
             verdict = series_verdict(scores, spec.series_rule)
             expected = class_index(srows[0].label, spec.classes) == spec.positive_index

@@ -167,7 +167,7 @@ def classify_image(path: Path, name: str, model: LoadedModel) -> SliceResult:
     try:
         with Image.open(path) as img:
             shown = preprocess.grey_image_to_unit(np.asarray(img.convert("L")))
-        model_input = preprocess.image_file_to_input(path, model.spec.input_size)
+        model_input = model.spec.image_file_to_input(path)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UploadError(f"{name}: not a readable PNG/JPEG image: {exc}") from exc
     return _slice_result(
@@ -207,7 +207,7 @@ def classify_dicom(path: Path, name: str, model: LoadedModel) -> SliceResult:
         )
     return _slice_result(
         model,
-        preprocess.hu_to_input(hu, spec.input_size, window),
+        spec.hu_to_input(hu),
         name=name,
         kind="dicom",
         image=png_data_uri(preprocess.apply_window(hu, window)),
@@ -315,7 +315,7 @@ def slice_curve(
         except InvalidInstance:
             continue
         placed.append((uid, z, preprocess.lung_fraction(hu) >= spec.selection.min_lung_fraction))
-        inputs.append(preprocess.hu_to_input(hu, spec.input_size, window))
+        inputs.append(spec.hu_to_input(hu))
         if uid in ranks:
             shown[uid] = preprocess.apply_window(hu, window)
     if not inputs:
