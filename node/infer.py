@@ -166,6 +166,16 @@ class Reduction:
     top_slices: tuple[SliceScore, ...]
 
 
+def decide_finding(
+    spec: ModelSpec, score: float, threshold: float, probabilities: np.ndarray
+) -> str:
+    """The positive class when ``score >= threshold``, else the likeliest of the other classes."""
+    if score >= threshold:
+        return spec.positive_class
+    others = [i for i in range(len(spec.classes)) if i != spec.positive_index]
+    return spec.classes[max(others, key=lambda i: probabilities[i])]
+
+
 def reduce_scores(spec: ModelSpec, scores: list[SliceScore]) -> Reduction:
     """Slice scores -> series verdict, by the rule in the model's metadata."""
     rule: SeriesRule = spec.series_rule
@@ -181,13 +191,8 @@ def reduce_scores(spec: ModelSpec, scores: list[SliceScore]) -> Reduction:
         series_score = float(np.mean(positive >= rule.slice_threshold))
         series_probs = all_probs.mean(axis=0)
         text = f"fraction of lung slices with score >= {rule.slice_threshold:g}"
-    if series_score >= rule.series_threshold:
-        finding = spec.positive_class
-    else:
-        others = [i for i in range(len(spec.classes)) if i != spec.positive_index]
-        finding = spec.classes[max(others, key=lambda i: series_probs[i])]
     return Reduction(
-        finding=finding,
+        finding=decide_finding(spec, series_score, rule.series_threshold, series_probs),
         probabilities=tuple(float(p) for p in series_probs),
         series_score=series_score,
         rule=f"{text} >= {rule.series_threshold:g}",

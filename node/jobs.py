@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import RetrySettings
-from node.db import Job, JobStage, JobState, Series, utcnow
+from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,68 @@ class ClaimedJob:
     series_version: int
     study_instance_uid: str
     series_instance_uid: str
+
+
+def enqueue(session: Session, series: Series) -> Job:
+    """The analysis job of ``series``' current version (created if missing: one per version)."""
+    job = session.scalars(
+        select(Job).where(Job.series_id == series.id, Job.series_version == series.version)
+    ).one_or_none()
+    if job is None:
+        job = Job(
+            series_id=series.id,
+            series_version=series.version,
+            state=JobState.QUEUED,
+            stage=JobStage.ANALYSE,
+        )
+        session.add(job)
+        session.flush()
+    return job
+
+
+def rerun(sessions: sessionmaker[Any], series_id: int) -> int:
+    """Analyse a series again with the model loaded now: a new series version with a new job.
+
+    The new SR names the previous one as its predecessor (as for a series reopened by new
+    instances).  Returns the new job id.
+
+    Raises
+    ------
+    ValueError
+        With the reason, when the series cannot be re-run now.
+    """
+    with sessions.begin() as session:
+        series = session.get(Series, series_id)
+        if series is None:
+            raise ValueError(f"no series with id {series_id}")
+        if series.state == SeriesState.RECEIVING:
+            raise ValueError("the series is still receiving; it is analysed when complete")
+        busy = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.series_id == series_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        )
+        if busy:
+            raise ValueError("a job for this series is already queued or running")
+        kept = session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.series_id == series_id, Instance.purged == 0)
+        )
+        if not kept:
+            raise ValueError("its instances were purged from the spool: send it again")
+        series.version += 1
+        series.state = SeriesState.COMPLETE
+        series.reject_reason = ""
+        series.completed_at = utcnow()
+        job = enqueue(session, series)
+        logger.info(
+            "series %s re-run as version %d, job %d",
+            series.series_instance_uid,
+            series.version,
+            job.id,
+        )
+        return job.id
 
 
 def claim_next(sessions: sessionmaker[Any]) -> ClaimedJob | None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from node.spool import write_atomic
 from node.verdict import SeriesVerdict
 
 logger = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ def _int_or_none(value: float | None) -> int | None:
 
 
 def write_report(sr: Dataset, path: Path) -> None:
-    """Write the SR to ``path`` atomically: temp file in the same folder, fsync, rename.
+    """Write the SR to ``path`` atomically (``spool.write_atomic``: temp file, fsync, rename).
 
     Parameters
     ----------
@@ -470,22 +470,9 @@ def write_report(sr: Dataset, path: Path) -> None:
     path
         Destination file; replaced if it exists.
     """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sr.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    buffer = BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    write_atomic(Path(path), buffer.getvalue())
 
 
 __all__ = [

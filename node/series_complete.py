@@ -16,7 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.config import SelectionSettings
-from node.db import Job, JobStage, JobState, Series, SeriesState, utcnow
+from node.db import Series, SeriesState, utcnow
+from node.jobs import enqueue
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +77,7 @@ def complete_quiet_series(
                 )
                 continue
             series.state = SeriesState.COMPLETE
-            job = session.scalars(
-                select(Job).where(Job.series_id == series.id, Job.series_version == series.version)
-            ).one_or_none()
-            if job is None:
-                job = Job(
-                    series_id=series.id,
-                    series_version=series.version,
-                    state=JobState.QUEUED,
-                    stage=JobStage.ANALYSE,
-                )
-                session.add(job)
-                session.flush()
+            job = enqueue(session, series)
             queued.append(job.id)
             logger.info(
                 "series %s v%d complete (%d instances), job %d queued",

@@ -174,7 +174,7 @@ class Console:
             return PlainTextResponse("cross-origin request refused", 403)
         series_id = int(request.path_params["series_id"])
         try:
-            job_id = await run_in_threadpool(dashboard.rerun_series, self.ctx.sessions, series_id)
+            job_id = await run_in_threadpool(jobs.rerun, self.ctx.sessions, series_id)
         except ValueError as exc:
             return self._back(f"cannot re-run: {exc}")
         return self._back(f"re-run queued as job {job_id} with model {self.ctx.model.spec.version}")

@@ -23,7 +23,7 @@ import pydicom
 from node import preprocess
 from node.classify import collect_series
 from node.errors import InvalidInstance, SeriesRejected
-from node.infer import LoadedModel
+from node.infer import LoadedModel, decide_finding
 from node.pipeline import Context, analyse_files
 from node.report import build_report, write_report
 from node.series_check import order_and_check, read_headers
@@ -146,11 +146,7 @@ def _slice_result(model: LoadedModel, model_input: np.ndarray, **fields: object)
     spec = model.spec
     probs = model.predict(model_input[np.newaxis])[0]
     positive = float(probs[spec.positive_index])
-    if positive >= spec.threshold:
-        finding = spec.positive_class
-    else:
-        others = [i for i in range(len(spec.classes)) if i != spec.positive_index]
-        finding = spec.classes[max(others, key=lambda i: probs[i])]
+    finding = decide_finding(spec, positive, spec.threshold, probs)
     return SliceResult(
         probabilities=tuple((c, float(p)) for c, p in zip(spec.classes, probs, strict=True)),
         finding=finding,

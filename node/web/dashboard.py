@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
+from node.db import Job, JobStage, JobState, Series, SeriesState, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -138,56 +138,3 @@ def summary(rows: list[SeriesRow]) -> dict[str, int]:
     return counts
 
 
-def rerun_series(sessions: sessionmaker[Any], series_id: int) -> int:
-    """Analyse a series again with the model loaded now: a new series version with a new job.
-
-    The new SR names the previous one as its predecessor (as for a series reopened by new
-    instances).  Returns the new job id.
-
-    Raises
-    ------
-    ValueError
-        With the reason, when the series cannot be re-run now.
-    """
-    with sessions.begin() as session:
-        series = session.get(Series, series_id)
-        if series is None:
-            raise ValueError(f"no series with id {series_id}")
-        if series.state == SeriesState.RECEIVING:
-            raise ValueError("the series is still receiving; it is analysed when complete")
-        busy = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.series_id == series_id,
-                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
-            )
-        )
-        if busy:
-            raise ValueError("a job for this series is already queued or running")
-        kept = session.scalar(
-            select(func.count())
-            .select_from(Instance)
-            .where(Instance.series_id == series_id, Instance.purged == 0)
-        )
-        if not kept:
-            raise ValueError("its instances were purged from the spool: send it again")
-        series.version += 1
-        series.state = SeriesState.COMPLETE
-        series.reject_reason = ""
-        series.completed_at = utcnow()
-        job = Job(
-            series_id=series.id,
-            series_version=series.version,
-            state=JobState.QUEUED,
-            stage=JobStage.ANALYSE,
-        )
-        session.add(job)
-        session.flush()
-        logger.info(
-            "series %s re-run from the web console as version %d, job %d",
-            series.series_instance_uid,
-            series.version,
-            job.id,
-        )
-        return job.id
