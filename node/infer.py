@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,9 @@ def load_model(
         raise ModelError(f"{model_dir / MODEL_FILE}: cannot load: {exc}") from exc
     expected = (None, spec.input_size, spec.input_size, 1)
     if tuple(model.input_shape) != expected:
-        raise ModelError(f"model input shape {model.input_shape} differs from model.json {expected}")
+        raise ModelError(
+            f"model input shape {model.input_shape} differs from model.json {expected}"
+        )
     runner = select_runtime(model, runtime, actual, cache_dir)
     logger.info(
         "model %s %s loaded from %s (runtime %s)",
@@ -120,29 +121,24 @@ def score_slices(
 ) -> tuple[list[SliceScore], int]:
     """Select slices with lung, preprocess them as training did, and classify them in batches.
 
-    Preprocessing of the next ``batch_size`` slices runs in a second thread while the model
-    classifies the current ones (both release the GIL for most of their work).
+    One after the other: overlapping preprocessing with inference in a second thread was
+    measured no faster on 2 cores, where LiteRT already keeps both busy (``python -m bench
+    inference``, ``score_slices_overlap``).
     Returns the scores of the selected slices (body-axis order) and the number of slices read.
     """
     spec = model.spec
-    chunks = [slices[i : i + batch_size] for i in range(0, len(slices), batch_size)]
-    selected: list[SliceRef] = []
-    outputs: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess") as pool:
-        pending = [pool.submit(_prepare, spec, chunk) for chunk in chunks[:1]]
-        for k in range(len(chunks)):
-            refs, inputs = pending.pop().result()
-            if k + 1 < len(chunks):
-                pending.append(pool.submit(_prepare, spec, chunks[k + 1]))
-            if refs:
-                selected += refs
-                outputs.append(model.predict(np.stack(inputs)))
+    selected, inputs = _prepare(spec, slices)
     if len(selected) < spec.selection.min_slices:
         raise SeriesRejected(
             f"only {len(selected)} of {len(slices)} slices contain enough lung "
             f"(at least {spec.selection.min_slices} needed): not a chest CT covering the lungs?"
         )
-    probabilities = np.concatenate(outputs)
+    probabilities = np.concatenate(
+        [
+            model.predict(np.stack(inputs[i : i + batch_size]))
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
     pos = spec.positive_index
     scores = [
         SliceScore(
