@@ -106,9 +106,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     model_dir = Path(args.model) if args.model else settings.model_dir
-    results = classify_paths(
-        [Path(p) for p in args.paths], settings, model_dir, sr_dir=args.sr_out
-    )
+    results = classify_paths([Path(p) for p in args.paths], settings, model_dir, sr_dir=args.sr_out)
     for result in results:
         print(json.dumps(result))
     return 0
@@ -118,7 +116,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from node.pull import pull_study
 
     settings = _settings(args)
-    count = pull_study(settings, study_uid=args.study, accession=args.accession, peer_name=args.peer)
+    count = pull_study(
+        settings, study_uid=args.study, accession=args.accession, peer_name=args.peer
+    )
     print(f"retrieved {count} instance(s)")
     return 0 if count > 0 else 1
 

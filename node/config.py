@@ -35,7 +35,9 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repert
 def _check_ae(value: str) -> str:
     stripped = value.strip()
     if not stripped or not _AE_RE.match(value):
-        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash")
+        raise ValueError(
+            f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash"
+        )
     return stripped
 
 
@@ -255,9 +257,7 @@ class Settings(_Strict):
             results = results.model_copy(update={"outbox_dir": fix(results.outbox_dir)})
         tls = self.security.tls
         tls = tls.model_copy(
-            update={
-                k: fix(v) for k, v in tls.model_dump().items() if k.endswith("_file") and v
-            }
+            update={k: fix(v) for k, v in tls.model_dump().items() if k.endswith("_file") and v}
         )
         security = self.security.model_copy(update={"tls": tls})
         peers = [

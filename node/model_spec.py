@@ -69,7 +69,8 @@ class ModelSpec(BaseModel):
         "none", description="preprocess.crop_image before resizing: hu_to_input(..., crop=)"
     )
     normalise: Literal["none", "equalise"] = Field(
-        "none", description="preprocess.normalise_image after the crop: hu_to_input(..., normalise=)"
+        "none",
+        description="preprocess.normalise_image after the crop: hu_to_input(..., normalise=)",
     )
     preprocessing_version: int
     selection: SliceSelection = SliceSelection()
@@ -80,7 +81,9 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ModelSpec:
         if self.positive_class not in self.classes:
-            raise ValueError(f"positive_class {self.positive_class!r} not in classes {self.classes}")
+            raise ValueError(
+                f"positive_class {self.positive_class!r} not in classes {self.classes}"
+            )
         return self
 
     @property

@@ -56,9 +56,7 @@ def client_ssl_context(tls: PeerTLS) -> ssl.SSLContext:
     return ctx
 
 
-def store_files(
-    paths: list[Path], peer: Peer, calling_ae: str, *, timeout_s: float = 30.0
-) -> None:
+def store_files(paths: list[Path], peer: Peer, calling_ae: str, *, timeout_s: float = 30.0) -> None:
     """Send DICOM files to ``peer`` in one association; raise ``SendFailed`` on any failure."""
     datasets = [pydicom.dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
@@ -87,7 +85,9 @@ def store_files(
             if code != 0x0000 and code not in WARNING_STATUSES:
                 raise SendFailed(f"{peer.name}: C-STORE status 0x{code:04X}")
             if code != 0x0000:
-                logger.warning("%s answered warning 0x%04X for %s", peer.name, code, ds.SOPInstanceUID)
+                logger.warning(
+                    "%s answered warning 0x%04X for %s", peer.name, code, ds.SOPInstanceUID
+                )
     finally:
         if assoc.is_established:
             assoc.release()

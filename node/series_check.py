@@ -75,9 +75,7 @@ def order_and_check(
         With the reason, also for header values that cannot be read as numbers.
     """
     try:
-        return _order_and_check(
-            headers, require_axial=require_axial, max_gap_factor=max_gap_factor
-        )
+        return _order_and_check(headers, require_axial=require_axial, max_gap_factor=max_gap_factor)
     except (ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         raise SeriesRejected(f"geometry attributes cannot be read: {exc}") from exc
 
@@ -117,7 +115,13 @@ def _order_and_check(
     row, col = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row, col)
     if require_axial and abs(normal[2]) < 0.95:
-        plane = "sagittal" if abs(normal[0]) > 0.95 else "coronal" if abs(normal[1]) > 0.95 else "oblique"
+        plane = (
+            "sagittal"
+            if abs(normal[0]) > 0.95
+            else "coronal"
+            if abs(normal[1]) > 0.95
+            else "oblique"
+        )
         raise SeriesRejected(f"series is {plane}, not axial; the model reads axial slices only")
     sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for _, ds in headers}
     if len(sizes) > 1:

@@ -60,8 +60,10 @@ class Spool:
         return final
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / check_uid(study_uid, "StudyInstanceUID") / check_uid(
-            series_uid, "SeriesInstanceUID"
+        return (
+            self.root
+            / check_uid(study_uid, "StudyInstanceUID")
+            / check_uid(series_uid, "SeriesInstanceUID")
         )
 
 

@@ -17,7 +17,9 @@ def collect_status(settings: Settings, limit: int = 20) -> dict[str, Any]:
         series_counts = dict(
             session.execute(select(Series.state, func.count()).group_by(Series.state)).all()
         )
-        job_counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        job_counts = dict(
+            session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        )
         recent = session.execute(
             select(Series, Job)
             .outerjoin(Job, (Job.series_id == Series.id) & (Job.series_version == Series.version))
@@ -59,7 +61,12 @@ def collect_status(settings: Settings, limit: int = 20) -> dict[str, Any]:
         "jobs_by_state": job_counts,
         "recent_series": rows,
         "dead_letter": [
-            {"job_id": job.id, "series_instance_uid": uid, "stage": job.stage, "error": job.last_error}
+            {
+                "job_id": job.id,
+                "series_instance_uid": uid,
+                "stage": job.stage,
+                "error": job.last_error,
+            }
             for job, uid in failed
         ],
     }
@@ -78,8 +85,10 @@ def _age(then: dt.datetime | None, now: dt.datetime) -> str:
 
 def format_status(report: dict[str, Any], now: dt.datetime) -> str:
     lines = [
-        "series: " + (", ".join(f"{k} {v}" for k, v in sorted(report["series_by_state"].items())) or "none"),
-        "jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs_by_state"].items())) or "none"),
+        "series: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(report["series_by_state"].items())) or "none"),
+        "jobs:   "
+        + (", ".join(f"{k} {v}" for k, v in sorted(report["jobs_by_state"].items())) or "none"),
         "",
         f"{'SERIES INSTANCE UID':<66} {'N':>4} {'V':>2} {'SERIES':<9} {'JOB':>4} {'STATE':<8} "
         f"{'STAGE':<8} {'FINDING':<14} {'AGE':>6}",
@@ -99,5 +108,8 @@ def format_status(report: dict[str, Any], now: dt.datetime) -> str:
             lines.append(f"    last error: {r['last_error']}")
     if report["dead_letter"]:
         lines += ["", "dead letter (retry with `triage-node retry <job>`):"]
-        lines += [f"  job {d['job_id']} {d['series_instance_uid']} [{d['stage']}]: {d['error']}" for d in report["dead_letter"]]
+        lines += [
+            f"  job {d['job_id']} {d['series_instance_uid']} [{d['stage']}]: {d['error']}"
+            for d in report["dead_letter"]
+        ]
     return "\n".join(lines)

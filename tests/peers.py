@@ -38,12 +38,16 @@ _CTMD = SHARED_DATA / "ct_dicom" / "covid_ct_md"
 
 #: SIEMENS Sensation 10, Explicit VR Little Endian, 30 slices, kernel B70f (same study as B40F).
 TCIA_SIEMENS_B70F = (
-    _TCIA / "Lung_Dx-A0002" / "04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834"
+    _TCIA
+    / "Lung_Dx-A0002"
+    / "04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834"
     / "2.000000-ThoraxRoutine  8.0.0  B70f-62919"
 )
 #: SIEMENS Sensation 10, Explicit VR Little Endian, 30 slices, kernel B40f.
 TCIA_SIEMENS_B40F = (
-    _TCIA / "Lung_Dx-A0002" / "04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834"
+    _TCIA
+    / "Lung_Dx-A0002"
+    / "04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834"
     / "3.000000-ThoraxRoutine  8.0.0  B40f-10983"
 )
 #: Philips Brilliance16, Implicit VR Little Endian, 32 slices.

@@ -96,7 +96,6 @@ def test_embedding_model_gives_pooled_features() -> None:
     assert features.shape == (2, 1280)
 
 
-
 class _FakeStorage:
     """What torch.save sees as a storage: pickled as a persistent id, data written apart."""
 

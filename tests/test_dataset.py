@@ -43,7 +43,10 @@ def test_read_image_folders(tmp_path: Path) -> None:
     (tmp_path / "Normal" / "notes.txt").write_text("x")
     rows = read_image_folders(tmp_path, "src")
     assert sorted((Path(r.path).name, r.label) for r in rows) == [
-        ("a.png", COVID), ("b.jpg", NON_COVID), ("c.png", NORMAL)]
+        ("a.png", COVID),
+        ("b.jpg", NON_COVID),
+        ("c.png", NORMAL),
+    ]
     assert len({r.patient_id for r in rows}) == 3 and all(r.source == "src" for r in rows)
 
 
@@ -87,8 +90,10 @@ def test_read_covidx_label_file_and_metadata(tmp_path: Path) -> None:
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
-    rows = [Row("/a.dcm", COVID, "p", "s", kind="dicom", slice_label=1, z=-3.5, series_uid="1.2"),
-            Row("/b.png", NORMAL, "q", "s", official_split="test", split="test")]
+    rows = [
+        Row("/a.dcm", COVID, "p", "s", kind="dicom", slice_label=1, z=-3.5, series_uid="1.2"),
+        Row("/b.png", NORMAL, "q", "s", official_split="test", split="test"),
+    ]
     write_manifest(rows, tmp_path / "m.csv")
     assert read_manifest(tmp_path / "m.csv") == rows
 
@@ -105,8 +110,11 @@ def test_labels_and_classes() -> None:
 
 
 def _patients(n: int, slices: int = 3) -> list[Row]:
-    return [Row(f"/{p}_{s}.png", COVID if p % 3 else NORMAL, f"p{p}", "src")
-            for p in range(n) for s in range(slices)]
+    return [
+        Row(f"/{p}_{s}.png", COVID if p % 3 else NORMAL, f"p{p}", "src")
+        for p in range(n)
+        for s in range(slices)
+    ]
 
 
 def test_split_by_patient_is_disjoint_and_stratified() -> None:
@@ -123,9 +131,11 @@ def test_split_by_patient_is_disjoint_and_stratified() -> None:
 
 
 def test_split_keeps_official_split_and_rejects_conflicts() -> None:
-    rows = [Row("/a", COVID, "p1", "s", official_split="test"),
-            Row("/b", COVID, "p1", "s", official_split="test"),
-            Row("/c", NORMAL, "p2", "s", official_split="val")]
+    rows = [
+        Row("/a", COVID, "p1", "s", official_split="test"),
+        Row("/b", COVID, "p1", "s", official_split="test"),
+        Row("/c", NORMAL, "p2", "s", official_split="val"),
+    ]
     out = split_by_patient(rows, 0.5, 0.5, seed=0)
     assert [r.split for r in out] == ["test", "test", "val"]
     assert {r.split for r in split_by_patient(rows, 0.5, 0.5, 0, fixed="train")} == {"train"}
@@ -165,4 +175,6 @@ def test_csv_manifest_with_slice_labels(tmp_path: Path) -> None:
         w.writerow(["P1/b.dcm", "P1", "COVID", "-14.5", ""])
     rows = read_csv_manifest(tmp_path / "manifest.csv", "ct")
     assert [(r.kind, r.slice_label, r.z, r.patient_id) for r in rows] == [
-        ("dicom", 1, -10.5, "ct:P1"), ("dicom", None, -14.5, "ct:P1")]
+        ("dicom", 1, -10.5, "ct:P1"),
+        ("dicom", None, -14.5, "ct:P1"),
+    ]

@@ -91,7 +91,9 @@ def test_orthanc_forward_analyse_sr_back_in_same_study(
     assert sr.PatientID == source.PatientID
 
     check = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    errors = [
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+    ]
     assert errors == [], check.stdout + check.stderr
     dump = subprocess.run(
         [require_tool("dsrdump"), str(sr_file)], capture_output=True, text=True, timeout=60
@@ -136,8 +138,9 @@ def test_pacs_down_when_sr_due_delivers_once_when_back(
         return int(rows[0]["attempts"] or 0) if rows and rows[0]["job_stage"] == "deliver" else 0
 
     wait_for(lambda: failed_attempts() >= 2, 120, interval=1, what="two failed deliveries")
-    assert "cannot connect" in node.status()["recent_series"][0]["last_error"] or "association" in (
-        node.status()["recent_series"][0]["last_error"]
+    assert (
+        "cannot connect" in node.status()["recent_series"][0]["last_error"]
+        or "association" in (node.status()["recent_series"][0]["last_error"])
     )
     orthanc.start()
     study_uid = str(pydicom.dcmread(series_files(TCIA_SIEMENS_B40F)[0]).StudyInstanceUID)
@@ -217,7 +220,9 @@ def test_catch_up_pulls_what_orthanc_failed_to_forward_while_node_was_down(
         tiny_model_dir,
         orthanc.dicom_port,
         quiet_s=1.0,
-        extra={"catch_up": {"enabled": True, "peer": "pacs", "interval_s": 2, "lookback_hours": 24}},
+        extra={
+            "catch_up": {"enabled": True, "peer": "pacs", "interval_s": 2, "lookback_hours": 24}
+        },
     ).start()
     wait_for(
         lambda: len(sr_instances(orthanc, study_uid)) == 1,

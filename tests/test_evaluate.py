@@ -27,12 +27,31 @@ def test_evaluate_manifest_prints_metrics_and_writes_pngs(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = make_csv_source(tmp_path / "eval")
-    assert main(["--model", str(tiny_model), "--manifest", str(manifest),
-                 "--out", str(tmp_path / "png")]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_model),
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(tmp_path / "png"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     m = report["manifest"]
-    for key in ("accuracy", "per_class", "roc_auc", "confusion_matrix", "sensitivity",
-                "specificity", "threshold", "per_patient"):
+    for key in (
+        "accuracy",
+        "per_class",
+        "roc_auc",
+        "confusion_matrix",
+        "sensitivity",
+        "specificity",
+        "threshold",
+        "per_patient",
+    ):
         assert key in m, key
     assert set(m["per_class"]) == {"Normal", "Pneumonia", "COVID-19"}
     assert set(m["per_class"]["COVID-19"]) == {"precision", "recall", "f1", "support"}
@@ -73,7 +92,19 @@ def test_evaluate_manifest_with_rendered_window(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = make_csv_source(tmp_path / "eval")
-    assert main(["--model", str(tiny_model), "--manifest", str(manifest),
-                 "--rendered-window", "-600", "3300"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_model),
+                "--manifest",
+                str(manifest),
+                "--rendered-window",
+                "-600",
+                "3300",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["manifest"]["n"] == 12

@@ -40,7 +40,11 @@ def _echoscu(aet: str, orthanc: Orthanc) -> subprocess.CompletedProcess[str]:
     exe = require_tool("echoscu")
     return subprocess.run(
         [exe, "-aet", aet, "-aec", orthanc.aet, "-to", "10", LO, str(orthanc.dicom_port)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=30, check=False,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -144,7 +148,9 @@ def test_lua_forwards_stable_series_with_loop_guard(
         # Loop guard: a new series sent by the NODE AE and an SR series are not forwarded.
         study_uid = pydicom.dcmread(b40f[0], stop_before_pixels=True).StudyInstanceUID
         from_node = reidentify_copy(
-            series_files(TCIA_SIEMENS_B70F)[:5], tmp_path / "from_node", study_uid=study_uid,
+            series_files(TCIA_SIEMENS_B70F)[:5],
+            tmp_path / "from_node",
+            study_uid=study_uid,
             seed="loop-guard",
         )
         storescu(from_node, port=orthanc.dicom_port, aec="ORTHANC", aet="NODE")
@@ -163,7 +169,8 @@ def test_lua_forwards_stable_series_with_loop_guard(
         wait_for(both_stable, timeout=20, what="NODE and SR series stable in Orthanc")
         wait_for(
             lambda: "loop guard" in orthanc.log_text() and "forward: skip SR" in orthanc.log_text(),
-            timeout=10, what="Lua skipping the NODE and SR series",
+            timeout=10,
+            what="Lua skipping the NODE and SR series",
         )
         assert len(orthanc.get("/jobs")) == 1  # only the B40f forward
         with lock:

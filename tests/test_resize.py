@@ -21,9 +21,11 @@ def triangle_matrix(n_in: int, n_out: int) -> np.ndarray:
 @pytest.mark.parametrize(("shape", "size"), [((512, 512), 224), ((512, 512), 512), ((32, 48), 64)])
 def test_resize_equals_triangle_matrix(shape: tuple[int, int], size: int) -> None:
     image = np.random.default_rng(1).random(shape, dtype=np.float32)
-    expected = triangle_matrix(shape[0], size) @ image.astype(np.float64) @ triangle_matrix(
-        shape[1], size
-    ).T
+    expected = (
+        triangle_matrix(shape[0], size)
+        @ image.astype(np.float64)
+        @ triangle_matrix(shape[1], size).T
+    )
     out = resize(image, size)
     assert out.dtype == np.float32 and out.shape == (size, size)
     assert np.abs(out - expected).max() < 1e-5

@@ -56,8 +56,13 @@ def tiny_config(tmp_path: Path, **overrides: Any) -> TrainConfig:
         "input_size": 32,
         "backbone_weights": None,
         "sources": [
-            {"name": "folders", "kind": "folders", "path": str(folders), "split": "carve",
-             "licence": "generated"},
+            {
+                "name": "folders",
+                "kind": "folders",
+                "path": str(folders),
+                "split": "carve",
+                "licence": "generated",
+            },
             {"name": "csvsrc", "kind": "csv", "path": str(manifest), "split": "train"},
         ],
         "split": {"val_fraction": 0.25, "test_fraction": 0.25},
@@ -79,8 +84,13 @@ def test_tiny_three_class_run_writes_loadable_model_dir(tmp_path: Path) -> None:
     probs = model.predict(np.zeros((2, 32, 32, 1), np.float32), verbose=0)
     assert probs.shape == (2, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    for name in ("evaluation.json", "MODEL_CARD.md", "training_head_log.csv",
-                 "training_finetune_log.csv", "confusion_folders.png"):
+    for name in (
+        "evaluation.json",
+        "MODEL_CARD.md",
+        "training_head_log.csv",
+        "training_finetune_log.csv",
+        "confusion_folders.png",
+    ):
         assert (model_dir / name).is_file(), name
     evaluation = json.loads((model_dir / "evaluation.json").read_text())
     assert "held_out_test" in evaluation["sources"]["folders"]
@@ -94,19 +104,23 @@ class Interrupt(keras.callbacks.Callback):
 
 
 def test_training_resumes_after_interruption(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, head={"epochs": 4, "batch_size": 8, "renderings": 1,
-                                      "patience": 10},
-                      finetune={"epochs": 0})
+    cfg = tiny_config(
+        tmp_path,
+        head={"epochs": 4, "batch_size": 8, "renderings": 1, "patience": 10},
+        finetune={"epochs": 0},
+    )
     with pytest.raises(KeyboardInterrupt):
         run(cfg, extra_callbacks=[Interrupt()])
     work = tmp_path / "work"
-    epochs_before = [json.loads(line)["epoch"] for line in
-                     (work / "head" / "log.jsonl").read_text().splitlines()]
+    epochs_before = [
+        json.loads(line)["epoch"] for line in (work / "head" / "log.jsonl").read_text().splitlines()
+    ]
     assert epochs_before == [0, 1]
     assert any((work / "features").iterdir()), "feature cache kept for the resumed run"
     model_dir = run(cfg)
-    epochs = [json.loads(line)["epoch"] for line in
-              (work / "head" / "log.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (work / "head" / "log.jsonl").read_text().splitlines()
+    ]
     assert epochs == [0, 1, 2, 3], "resumed at epoch 2 instead of starting over"
     assert load_spec(model_dir).name == "tiny"
 
@@ -128,10 +142,23 @@ def test_series_rule_choice_does_not_reward_calling_everything_negative() -> Non
     from training.export import choose_series_rule
 
     series = {
-        "a": {"patient_id": "a", "label": "COVID-19", "positive": True, "selected": 6,
-              "scores": [0.95, 0.9, 0.8, 0.7, 0.2, 0.1]},
-        **{n: {"patient_id": n, "label": "Normal", "positive": False, "selected": 6,
-               "scores": [0.85, 0.3, 0.2, 0.1, 0.1, 0.1]} for n in "bcd"},
+        "a": {
+            "patient_id": "a",
+            "label": "COVID-19",
+            "positive": True,
+            "selected": 6,
+            "scores": [0.95, 0.9, 0.8, 0.7, 0.2, 0.1],
+        },
+        **{
+            n: {
+                "patient_id": n,
+                "label": "Normal",
+                "positive": False,
+                "selected": 6,
+                "scores": [0.85, 0.3, 0.2, 0.1, 0.1, 0.1],
+            }
+            for n in "bcd"
+        },
     }
     silent = SeriesRule(kind="top_k_mean", k=1, series_threshold=0.99)
     useful = SeriesRule(kind="top_k_mean", k=3, series_threshold=0.5)

@@ -34,7 +34,9 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return round(float(roc_auc_score(y, s)), 3) if 0 < y.sum() < len(y) else None
 
 
-def run(cfg: TrainConfig, aug: bool, drop: list[str], dicom_weight: float, c: float) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig, aug: bool, drop: list[str], dicom_weight: float, c: float
+) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
 
     from training.backbone import lite0_weights_path
@@ -43,8 +45,14 @@ def run(cfg: TrainConfig, aug: bool, drop: list[str], dicom_weight: float, c: fl
     from training.train import Phase1, collect_rows
 
     rows = collect_rows(cfg)
-    cache = NativeCache(rows, {s.name: s.rendered_window.as_window() for s in cfg.sources
-                               if s.rendered_window is not None})
+    cache = NativeCache(
+        rows,
+        {
+            s.name: s.rendered_window.as_window()
+            for s in cfg.sources
+            if s.rendered_window is not None
+        },
+    )
     model = build_classifier(2, cfg.input_size, lite0_weights_path())
     p1 = Phase1(cfg, rows, cache, embedding_model(model), cfg.resolved(cfg.work_dir))
     y = np.array([r.label == COVID for r in rows], int)
@@ -84,8 +92,10 @@ def run(cfg: TrainConfig, aug: bool, drop: list[str], dicom_weight: float, c: fl
     for patient in sorted(set(pid[dic & (marked >= 0)])):
         m = (pid == patient) & lung & (marked >= 0)
         out[f"within_{patient}"] = _auc(marked[m], scores[m])
-    out["series_top5"] = {q: round(float(np.sort(scores[(pid == q) & lung])[::-1][:5].mean()), 3)
-                          for q in sorted(set(pid[dic]))}
+    out["series_top5"] = {
+        q: round(float(np.sort(scores[(pid == q) & lung])[::-1][:5].mean()), 3)
+        for q in sorted(set(pid[dic]))
+    }
     return out
 
 
@@ -102,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     data = yaml.safe_load(args.config.read_text())
     data.update(json.loads(args.set))
     data["work_dir"] = f"/tmp/ablation/{args.tag}"
-    result = run(TrainConfig.model_validate(data), bool(args.aug), args.drop, args.dicom_weight,
-                 args.C)
+    result = run(
+        TrainConfig.model_validate(data), bool(args.aug), args.drop, args.dicom_weight, args.C
+    )
     print(json.dumps({"tag": args.tag, "set": json.loads(args.set), **result}))
     return 0
 

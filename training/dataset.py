@@ -389,6 +389,11 @@ def sample_weights(
     present = np.unique(y)
     counts = {c: int((y == c).sum()) for c in present}
     mult = source_weight or {}
-    w = np.array([mult.get(s, 1.0) / (len(present) * counts[c])
-                  for s, c in zip(sources, y.tolist(), strict=True)], np.float64)
+    w = np.array(
+        [
+            mult.get(s, 1.0) / (len(present) * counts[c])
+            for s, c in zip(sources, y.tolist(), strict=True)
+        ],
+        np.float64,
+    )
     return (w * len(w) / w.sum()).astype(np.float32)

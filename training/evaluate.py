@@ -75,8 +75,12 @@ def classification_metrics(
         "n": len(y_true),
         "accuracy": float((pred == y_true).mean()) if len(y_true) else None,
         "per_class": {
-            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                "support": int(support[i])}
+            c: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(classes)
         },
         "roc_auc": _auc(is_pos, pos),
@@ -139,7 +143,11 @@ def dicom_slice_auc(rows: Sequence[Row], pos: np.ndarray) -> dict[str, Any]:
         marked = np.array([rows[i].slice_label for i in idx])
         auc = _auc(marked, pos[idx])
         if auc is not None:
-            within[pid] = {"auc": auc, "marked": int(marked.sum()), "unmarked": int(len(idx) - marked.sum())}
+            within[pid] = {
+                "auc": auc,
+                "marked": int(marked.sum()),
+                "unmarked": int(len(idx) - marked.sum()),
+            }
     out["within_patient_marked_vs_unmarked_auc"] = within
     return out
 
@@ -233,12 +241,18 @@ def evaluate_rows(
     rendered like DICOM, exactly as the model saw that source in training.
     """
     if rendered_window is None:
-        inputs = load_inputs(rows, spec.input_size, spec.window.as_window(), spec.crop,
-                             spec.normalise)
+        inputs = load_inputs(
+            rows, spec.input_size, spec.window.as_window(), spec.crop, spec.normalise
+        )
     else:
         cache = NativeCache(rows, {r.source: rendered_window for r in rows})
-        inputs = cache.inputs(range(len(rows)), spec.input_size, spec.window.as_window(),
-                              crop=spec.crop, normalise=spec.normalise)
+        inputs = cache.inputs(
+            range(len(rows)),
+            spec.input_size,
+            spec.window.as_window(),
+            crop=spec.crop,
+            normalise=spec.normalise,
+        )
     probs = predict_proba(model, spec, inputs, batch_size)
     y = labels_array(rows, spec.classes)
     metrics = classification_metrics(
@@ -256,9 +270,15 @@ def evaluate_series(model: Any, spec: ModelSpec, rows: Sequence[Row]) -> dict[st
     for uid, srows in sorted(by_series.items()):
         srows = sorted(srows, key=lambda r: r.z or 0.0)
         hus = [hounsfield(read_dicom(r.path)) for r in srows]
-        keep = [i for i, hu in enumerate(hus) if lung_fraction(hu) >= spec.selection.min_lung_fraction]
-        entry: dict[str, Any] = {"patient_id": srows[0].patient_id, "label": srows[0].label,
-                                 "slices": len(srows), "selected": len(keep)}
+        keep = [
+            i for i, hu in enumerate(hus) if lung_fraction(hu) >= spec.selection.min_lung_fraction
+        ]
+        entry: dict[str, Any] = {
+            "patient_id": srows[0].patient_id,
+            "label": srows[0].label,
+            "slices": len(srows),
+            "selected": len(keep),
+        }
         if len(keep) < spec.selection.min_slices:
             entry["verdict"] = "rejected: too few lung slices"
         else:
@@ -266,13 +286,13 @@ def evaluate_series(model: Any, spec: ModelSpec, rows: Sequence[Row]) -> dict[st
             scores = predict_proba(model, spec, inputs)[:, spec.positive_index]
             verdict = series_verdict(scores, spec.series_rule)
             expected = class_index(srows[0].label, spec.classes) == spec.positive_index
-            entry.update(score=verdict.score, positive=verdict.positive,
-                         correct=verdict.positive == expected)
+            entry.update(
+                score=verdict.score, positive=verdict.positive, correct=verdict.positive == expected
+            )
             sel_rows += [srows[i] for i in keep]
             sel_scores += scores.tolist()
         series[uid] = entry
-    return {"series": series,
-            "selected_slices": dicom_slice_auc(sel_rows, np.asarray(sel_scores))}
+    return {"series": series, "selected_slices": dicom_slice_auc(sel_rows, np.asarray(sel_scores))}
 
 
 def dicom_rows(folder: Path, label: str | None) -> list[Row]:
@@ -301,9 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, help="CSV: path,label[,patient_id]")
     parser.add_argument("--dicom", type=Path, help="folder of DICOM series")
     parser.add_argument("--label", help="label of every series under --dicom")
-    parser.add_argument("--rendered-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
-                        help="8-bit --manifest images were rendered from HU with this window "
-                        "(as the source's rendered_window in the training config)")
+    parser.add_argument(
+        "--rendered-window",
+        nargs=2,
+        type=float,
+        metavar=("LEVEL", "WIDTH"),
+        help="8-bit --manifest images were rendered from HU with this window "
+        "(as the source's rendered_window in the training config)",
+    )
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: no PNGs)")
     args = parser.parse_args(argv)
     if not (args.manifest or args.dicom):
@@ -322,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         curves["manifest"] = ((y == spec.positive_index).astype(int), scores)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            plot_confusion(report["manifest"]["confusion_matrix"], spec.classes,
-                           args.out / "confusion_matrix.png", str(args.manifest.name))
+            plot_confusion(
+                report["manifest"]["confusion_matrix"],
+                spec.classes,
+                args.out / "confusion_matrix.png",
+                str(args.manifest.name),
+            )
     if args.dicom:
         report["dicom"] = evaluate_series(model, spec, dicom_rows(args.dicom, args.label))
     if args.out:
@@ -331,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         if curves:
             plot_roc(curves, args.out / "roc.png")
         for phase in ("head", "finetune"):
-            plot_training_curves(args.model / f"training_{phase}_log.csv",
-                                 args.out / f"training_curves_{phase}.png")
+            plot_training_curves(
+                args.model / f"training_{phase}_log.csv", args.out / f"training_curves_{phase}.png"
+            )
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -47,8 +47,9 @@ def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.clip(thr[best], 0.0, 1.0))
 
 
-def lopo_series(rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float],
-                cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+def lopo_series(
+    rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float], cfg: TrainConfig
+) -> dict[str, dict[str, Any]]:
     """Series of the LOPO sources: label, selected slices' held-out scores, in z order."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
@@ -60,14 +61,21 @@ def lopo_series(rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float],
         keep = [i for i in idx if lung[i] >= cfg.selection.min_lung_fraction]
         first = rows[idx[0]]
         positive = class_index(first.label, cfg.classes) == cfg.classes.index(cfg.positive_class)
-        out[uid] = {"patient_id": first.patient_id, "source": first.source, "label": first.label,
-                    "positive": positive, "slices": len(idx), "selected": len(keep),
-                    "scores": [lopo[rows[i].path] for i in keep]}
+        out[uid] = {
+            "patient_id": first.patient_id,
+            "source": first.source,
+            "label": first.label,
+            "positive": positive,
+            "slices": len(idx),
+            "selected": len(keep),
+            "scores": [lopo[rows[i].path] for i in keep],
+        }
     return out
 
 
-def choose_series_rule(series: dict[str, dict[str, Any]], candidates: Sequence[SeriesRule],
-                       min_slices: int) -> tuple[SeriesRule, list[dict[str, Any]]]:
+def choose_series_rule(
+    series: dict[str, dict[str, Any]], candidates: Sequence[SeriesRule], min_slices: int
+) -> tuple[SeriesRule, list[dict[str, Any]]]:
     """The candidate with the best LOPO balanced accuracy over series (mean of sensitivity and
     specificity, so calling every series negative cannot win just because most are negative),
     then the higher sensitivity (a triage aid should not miss), then the widest margin."""
@@ -82,79 +90,139 @@ def choose_series_rule(series: dict[str, dict[str, Any]], candidates: Sequence[S
             called = score >= rule.series_threshold
             margins.append((score - rule.series_threshold) * (1 if s["positive"] else -1))
             hits[s["positive"]].append(called == s["positive"])
-            verdicts[uid] = {"patient_id": s["patient_id"], "label": s["label"],
-                             "score": round(score, 4), "positive": bool(called),
-                             "correct": bool(called == s["positive"])}
+            verdicts[uid] = {
+                "patient_id": s["patient_id"],
+                "label": s["label"],
+                "score": round(score, 4),
+                "positive": bool(called),
+                "correct": bool(called == s["positive"]),
+            }
         sens = float(np.mean(hits[True])) if hits[True] else None
         spec = float(np.mean(hits[False])) if hits[False] else None
         balanced = float(np.mean([v for v in (sens, spec) if v is not None])) if margins else 0.0
-        results.append({"rule": rule.model_dump(exclude={"justification"}),
-                        "correct": sum(v.get("correct", False) for v in verdicts.values()),
-                        "scored": len(margins), "sensitivity": sens, "specificity": spec,
-                        "balanced_accuracy": balanced,
-                        "min_margin": min(margins) if margins else None, "verdicts": verdicts})
+        results.append(
+            {
+                "rule": rule.model_dump(exclude={"justification"}),
+                "correct": sum(v.get("correct", False) for v in verdicts.values()),
+                "scored": len(margins),
+                "sensitivity": sens,
+                "specificity": spec,
+                "balanced_accuracy": balanced,
+                "min_margin": min(margins) if margins else None,
+                "verdicts": verdicts,
+            }
+        )
     if not results:
         raise ValueError("no series rule candidates")
-    best = max(range(len(results)), key=lambda j: (
-        results[j]["balanced_accuracy"], results[j]["sensitivity"] or 0.0,
-        results[j]["min_margin"] if results[j]["min_margin"] is not None else -1.0))
+    best = max(
+        range(len(results)),
+        key=lambda j: (
+            results[j]["balanced_accuracy"],
+            results[j]["sensitivity"] or 0.0,
+            results[j]["min_margin"] if results[j]["min_margin"] is not None else -1.0,
+        ),
+    )
     return candidates[best], results
 
 
-def _binary(y_pos: np.ndarray, s: np.ndarray, thr: float, pids: Sequence[str],
-            positive: str) -> dict[str, Any]:
+def _binary(
+    y_pos: np.ndarray, s: np.ndarray, thr: float, pids: Sequence[str], positive: str
+) -> dict[str, Any]:
     probs = np.c_[1.0 - s, s]
-    return classification_metrics(y_pos.astype(int), probs, [f"not {positive}", positive], 1,
-                                  thr, pids)
+    return classification_metrics(
+        y_pos.astype(int), probs, [f"not {positive}", positive], 1, thr, pids
+    )
 
 
-def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: NativeCache,
-                 usable: np.ndarray, lopo: dict[str, float], spec: ModelSpec,
-                 out_dir: Path) -> tuple[dict[str, Any], float, SeriesRule]:
+def evaluate_all(
+    cfg: TrainConfig,
+    model: keras.Model,
+    rows: Sequence[Row],
+    cache: NativeCache,
+    usable: np.ndarray,
+    lopo: dict[str, float],
+    spec: ModelSpec,
+    out_dir: Path,
+) -> tuple[dict[str, Any], float, SeriesRule]:
     """Held-out metrics per source, the threshold and the chosen series rule."""
     pos_idx = spec.positive_index
     window = cfg.window.as_window()
-    inputs = cache.inputs(range(len(rows)), cfg.input_size, window, crop=cfg.crop,
-                          normalise=cfg.normalise)
+    inputs = cache.inputs(
+        range(len(rows)), cfg.input_size, window, crop=cfg.crop, normalise=cfg.normalise
+    )
     probs = predict_proba(model, spec, inputs)
-    labels = np.array([class_index(r.label, cfg.classes) if u else -1
-                       for r, u in zip(rows, usable, strict=True)])
+    labels = np.array(
+        [class_index(r.label, cfg.classes) if u else -1 for r, u in zip(rows, usable, strict=True)]
+    )
     val = [i for i, r in enumerate(rows) if r.split == "val" and usable[i]]
     thr = cfg.threshold.value
     if cfg.threshold.strategy == "youden_val" and val:
         thr = youden_threshold((labels[val] == pos_idx).astype(int), probs[val, pos_idx])
-    report: dict[str, Any] = {"threshold": thr, "threshold_strategy": cfg.threshold.strategy,
-                              "sources": {}}
+    report: dict[str, Any] = {
+        "threshold": thr,
+        "threshold_strategy": cfg.threshold.strategy,
+        "sources": {},
+    }
     curves = {}
     for src in cfg.sources:
-        test = [i for i, r in enumerate(rows) if r.source == src.name and r.split == "test"
-                and usable[i]]
+        test = [
+            i
+            for i, r in enumerate(rows)
+            if r.source == src.name and r.split == "test" and usable[i]
+        ]
         entry: dict[str, Any] = {}
         if test:
-            m = classification_metrics(labels[test], probs[test], cfg.classes, pos_idx, thr,
-                                       [rows[i].patient_id for i in test])
+            m = classification_metrics(
+                labels[test],
+                probs[test],
+                cfg.classes,
+                pos_idx,
+                thr,
+                [rows[i].patient_id for i in test],
+            )
             entry["held_out_test"] = m
-            curves[f"{src.name} test"] = ((labels[test] == pos_idx).astype(int), probs[test, pos_idx])
-            plot_confusion(m["confusion_matrix"], cfg.classes, out_dir / f"confusion_{src.name}.png",
-                           f"{src.name}: held-out test")
-            lung = [i for i in test if rows[i].kind == "dicom"
-                    and cache.lung[i] >= cfg.selection.min_lung_fraction]
+            curves[f"{src.name} test"] = (
+                (labels[test] == pos_idx).astype(int),
+                probs[test, pos_idx],
+            )
+            plot_confusion(
+                m["confusion_matrix"],
+                cfg.classes,
+                out_dir / f"confusion_{src.name}.png",
+                f"{src.name}: held-out test",
+            )
+            lung = [
+                i
+                for i in test
+                if rows[i].kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction
+            ]
             if lung:
                 entry["held_out_test_dicom_slices"] = dicom_slice_auc(
-                    [rows[i] for i in lung], probs[lung, pos_idx])
-        held = [i for i, r in enumerate(rows) if r.source == src.name and r.path in lopo
-                and r.kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction]
+                    [rows[i] for i in lung], probs[lung, pos_idx]
+                )
+        held = [
+            i
+            for i, r in enumerate(rows)
+            if r.source == src.name
+            and r.path in lopo
+            and r.kind == "dicom"
+            and cache.lung[i] >= cfg.selection.min_lung_fraction
+        ]
         if held:
             s = np.array([lopo[rows[i].path] for i in held])
             entry["lopo_selected_slices"] = dicom_slice_auc([rows[i] for i in held], s)
             use = [j for j, i in enumerate(held) if usable[i]]
             y = np.array([labels[held[j]] == pos_idx for j in use])
-            entry["lopo_usable_slices"] = _binary(y, s[use], thr, [rows[held[j]].patient_id for j in use],
-                                                  cfg.positive_class)
+            entry["lopo_usable_slices"] = _binary(
+                y, s[use], thr, [rows[held[j]].patient_id for j in use], cfg.positive_class
+            )
         if entry:
             report["sources"][src.name] = entry
-    held = [i for i, r in enumerate(rows) if r.path in lopo and r.kind == "dicom"
-            and cache.lung[i] >= cfg.selection.min_lung_fraction]
+    held = [
+        i
+        for i, r in enumerate(rows)
+        if r.path in lopo and r.kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction
+    ]
     if held:
         s = np.array([lopo[rows[i].path] for i in held])
         sub = [rows[i] for i in held]
@@ -170,22 +238,37 @@ def evaluate_all(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cach
         report["series_rule_candidates"] = results
         chosen = next(r for r in results if r["rule"] == rule.model_dump(exclude={"justification"}))
         report["series_verdicts_lopo"] = chosen["verdicts"]
-        names = ", ".join(f"{v['patient_id']}={'pos' if v.get('positive') else 'neg'}"
-                          f"({v.get('score', 'rejected')})" for v in chosen["verdicts"].values())
-        rule = rule.model_copy(update={"justification": (
-            f"Chosen among {len(results)} candidate rules by leave-one-patient-out series "
-            f"verdicts on the Hounsfield DICOM series: balanced accuracy "
-            f"{chosen['balanced_accuracy']:.2f} (sensitivity {chosen['sensitivity']}, "
-            f"specificity {chosen['specificity']}; {chosen['correct']}/{chosen['scored']} "
-            f"correct): {names}. Selected on only {chosen['scored']} series, so it is tuned "
-            "to them; see evaluation.json 'series_rule_candidates'.")})
+        names = ", ".join(
+            f"{v['patient_id']}={'pos' if v.get('positive') else 'neg'}"
+            f"({v.get('score', 'rejected')})"
+            for v in chosen["verdicts"].values()
+        )
+        rule = rule.model_copy(
+            update={
+                "justification": (
+                    f"Chosen among {len(results)} candidate rules by leave-one-patient-out series "
+                    f"verdicts on the Hounsfield DICOM series: balanced accuracy "
+                    f"{chosen['balanced_accuracy']:.2f} (sensitivity {chosen['sensitivity']}, "
+                    f"specificity {chosen['specificity']}; {chosen['correct']}/{chosen['scored']} "
+                    f"correct): {names}. Selected on only {chosen['scored']} series, so it is tuned "
+                    "to them; see evaluation.json 'series_rule_candidates'."
+                )
+            }
+        )
     if curves:
         plot_roc(curves, out_dir / "roc.png")
     return report, thr, rule
 
 
-def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: NativeCache,
-           usable: np.ndarray, lopo: dict[str, float], work: Path) -> Path:
+def export(
+    cfg: TrainConfig,
+    model: keras.Model,
+    rows: Sequence[Row],
+    cache: NativeCache,
+    usable: np.ndarray,
+    lopo: dict[str, float],
+    work: Path,
+) -> Path:
     out_dir = cfg.resolved(cfg.output_root) / cfg.name / cfg.version
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = keras.models.clone_model(model)  # uncompiled: no optimizer state in the file
@@ -194,41 +277,66 @@ def export(cfg: TrainConfig, model: keras.Model, rows: Sequence[Row], cache: Nat
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 1e6
     if size_mb > cfg.max_model_mb:
         raise ValueError(f"{out_dir / MODEL_FILE}: {size_mb:.1f} MB > {cfg.max_model_mb} MB")
-    spec = ModelSpec(name=cfg.name, version=cfg.version, classes=cfg.classes,
-                     positive_class=cfg.positive_class, input_size=cfg.input_size,
-                     window=cfg.window, crop=cfg.crop, normalise=cfg.normalise,
-                     preprocessing_version=PREPROCESSING_VERSION,
-                     selection=cfg.selection)
+    spec = ModelSpec(
+        name=cfg.name,
+        version=cfg.version,
+        classes=cfg.classes,
+        positive_class=cfg.positive_class,
+        input_size=cfg.input_size,
+        window=cfg.window,
+        crop=cfg.crop,
+        normalise=cfg.normalise,
+        preprocessing_version=PREPROCESSING_VERSION,
+        selection=cfg.selection,
+    )
     report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, lopo, spec, out_dir)
     for phase in ("head", "finetune"):
         for name in ("log.csv", "log.jsonl"):
             if (work / phase / name).is_file():
                 shutil.copy(work / phase / name, out_dir / f"training_{phase}_{name}")
     plot_training_curves(out_dir / "training_head_log.csv", out_dir / "training_curves_head.png")
-    plot_training_curves(out_dir / "training_finetune_log.csv",
-                         out_dir / "training_curves_finetune.png")
+    plot_training_curves(
+        out_dir / "training_finetune_log.csv", out_dir / "training_curves_finetune.png"
+    )
     sources = []
     for src in cfg.sources:
         srows = [(r, u) for r, u in zip(rows, usable, strict=True) if r.source == src.name]
-        sources.append({
-            "name": src.name, "path": str(src.path), "licence": src.licence,
-            "citation": src.citation, "split": src.split, "lopo": src.lopo,
-            "patients": len({r.patient_id for r, _ in srows}),
-            "slices_trained_on": sum(1 for r, u in srows if u and r.split == "train"),
-            "slices_validation": sum(1 for r, u in srows if u and r.split == "val"),
-            "slices_held_out_test": sum(1 for r, u in srows if u and r.split == "test"),
-        })
-    report["lopo_note"] = ("LOPO scores come from the phase-1 recipe (frozen backbone, head "
-                           "refitted without the patient)" +
-                           (" ; the shipped model was fine-tuned further" if cfg.finetune.epochs
-                            else "; identical to the shipped model's recipe"))
+        sources.append(
+            {
+                "name": src.name,
+                "path": str(src.path),
+                "licence": src.licence,
+                "citation": src.citation,
+                "split": src.split,
+                "lopo": src.lopo,
+                "patients": len({r.patient_id for r, _ in srows}),
+                "slices_trained_on": sum(1 for r, u in srows if u and r.split == "train"),
+                "slices_validation": sum(1 for r, u in srows if u and r.split == "val"),
+                "slices_held_out_test": sum(1 for r, u in srows if u and r.split == "test"),
+            }
+        )
+    report["lopo_note"] = (
+        "LOPO scores come from the phase-1 recipe (frozen backbone, head "
+        "refitted without the patient)"
+        + (
+            " ; the shipped model was fine-tuned further"
+            if cfg.finetune.epochs
+            else "; identical to the shipped model's recipe"
+        )
+    )
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    final = spec.model_copy(update={
-        "threshold": thr, "series_rule": rule, "training_data": sources,
-        "metrics": summarise(report), "backbone": "EfficientNet-Lite0 (ImageNet, Apache-2.0)"
-        if cfg.backbone_weights else "EfficientNet-Lite0 (random init)",
-        "training_config": cfg.model_dump(mode="json"),
-    })
+    final = spec.model_copy(
+        update={
+            "threshold": thr,
+            "series_rule": rule,
+            "training_data": sources,
+            "metrics": summarise(report),
+            "backbone": "EfficientNet-Lite0 (ImageNet, Apache-2.0)"
+            if cfg.backbone_weights
+            else "EfficientNet-Lite0 (random init)",
+            "training_config": cfg.model_dump(mode="json"),
+        }
+    )
     final = write_spec(out_dir, final)
     write_model_card(out_dir, final, report, sources)
     logger.info("model written to %s (%.1f MB)", out_dir, size_mb)
@@ -241,13 +349,15 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     for name, entry in report.get("sources", {}).items():
         if "held_out_test" in entry:
             m = entry["held_out_test"]
-            out[f"{name}_test"] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "sensitivity",
-                                                      "specificity")}
+            out[f"{name}_test"] = {
+                k: m[k] for k in ("n", "accuracy", "roc_auc", "sensitivity", "specificity")
+            }
         if "lopo_selected_slices" in entry:
             out[f"{name}_lopo_slices"] = entry["lopo_selected_slices"]
     if "dicom_lopo_all" in report:
         out["dicom_lopo_all"] = report["dicom_lopo_all"]
     if "series_verdicts_lopo" in report:
-        out["series_verdicts_lopo"] = {v["patient_id"]: v.get("positive")
-                                       for v in report["series_verdicts_lopo"].values()}
+        out["series_verdicts_lopo"] = {
+            v["patient_id"]: v.get("positive") for v in report["series_verdicts_lopo"].values()
+        }
     return out

@@ -38,10 +38,16 @@ class NativeCache:
         self.rows = list(rows)
         self.rendered = dict(rendered or {})
         self.natives = [self._native(r) for r in tqdm(self.rows, desc="reading slices")]
-        self.kinds = ["dicom" if r.kind == "dicom" or r.source in self.rendered else "image"
-                      for r in self.rows]
-        self.lung = np.array([lung_fraction(n) if r.kind == "dicom" else 1.0
-                              for r, n in zip(self.rows, self.natives, strict=True)])
+        self.kinds = [
+            "dicom" if r.kind == "dicom" or r.source in self.rendered else "image"
+            for r in self.rows
+        ]
+        self.lung = np.array(
+            [
+                lung_fraction(n) if r.kind == "dicom" else 1.0
+                for r, n in zip(self.rows, self.natives, strict=True)
+            ]
+        )
 
     def _native(self, row: Row) -> np.ndarray:
         native = load_native(row)
@@ -68,8 +74,7 @@ class NativeCache:
         rng = rng or np.random.default_rng(0)
         out = np.empty((len(idx), size, size), np.float32)
         for j, i in enumerate(idx):
-            out[j] = render(self.natives[i], self.kinds[i], size, window, cfg, rng, crop,
-                            normalise)
+            out[j] = render(self.natives[i], self.kinds[i], size, window, cfg, rng, crop, normalise)
         return out
 
 
@@ -98,8 +103,15 @@ def rendering_features(
     normalise: str = "none",
 ) -> np.ndarray:
     """Features of rows ``idx`` in one rendering (0 = exact node input), cached on disk."""
-    extra = {"r": rendering, "size": size, "window": asdict(window), "aug": asdict(cfg),
-             "seed": seed, "n": len(idx), "rendered": cache.key()}
+    extra = {
+        "r": rendering,
+        "size": size,
+        "window": asdict(window),
+        "aug": asdict(cfg),
+        "seed": seed,
+        "n": len(idx),
+        "rendered": cache.key(),
+    }
     if crop != "none":
         extra["crop"] = crop
     if normalise != "none":

@@ -90,9 +90,8 @@ def set_backbone_trainable(model: keras.Model, top_blocks: int) -> None:
     if top_blocks > 0:
         trainable_prefixes += (HEAD_PREFIX,)
     for layer in backbone.layers:
-        layer.trainable = (
-            layer.name.startswith(trainable_prefixes)
-            and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = layer.name.startswith(trainable_prefixes) and not isinstance(
+            layer, layers.BatchNormalization
         )
     logger.info(
         "backbone: %d of %d weights trainable (top %d blocks)",

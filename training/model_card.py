@@ -11,7 +11,6 @@ from typing import Any
 from node.model_spec import ModelSpec
 
 
-
 def _f(v: Any) -> str:
     return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -28,34 +27,49 @@ def target_rows(report: dict[str, Any]) -> list[tuple[str, Any, str, bool | None
         ("UCSD official test ROC AUC", test_metric("ucsd", "roc_auc"), 0.92),
         ("UCSD official test accuracy", test_metric("ucsd", "accuracy"), 0.85),
         ("MosMed held-out patients ROC AUC", test_metric("mosmed", "roc_auc"), 0.85),
-        ("DICOM infected-slice ROC AUC (LOPO)",
-         report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc"), 0.85),
+        (
+            "DICOM infected-slice ROC AUC (LOPO)",
+            report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc"),
+            0.85,
+        ),
     ):
         out.append((what, value, f">= {target}", None if value is None else value >= target))
-    verdicts = {v["patient_id"].split(":")[-1]: v for v in report.get("series_verdicts_lopo", {}).values()}
+    verdicts = {
+        v["patient_id"].split(":")[-1]: v for v in report.get("series_verdicts_lopo", {}).values()
+    }
     for patient, expected in (("P001", True), ("cap001", False), ("normal001", False)):
         v = verdicts.get(patient)
         got = None if v is None or v.get("rejected") else v["positive"]
-        out.append((f"series verdict {patient} (LOPO)",
-                    None if got is None else ("positive" if got else "negative"),
-                    "positive" if expected else "negative",
-                    None if got is None else got == expected))
+        out.append(
+            (
+                f"series verdict {patient} (LOPO)",
+                None if got is None else ("positive" if got else "negative"),
+                "positive" if expected else "negative",
+                None if got is None else got == expected,
+            )
+        )
     return out
 
 
 def _source_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["| source | held out as | n | accuracy | ROC AUC | sensitivity | specificity |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| source | held out as | n | accuracy | ROC AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, entry in report.get("sources", {}).items():
         if "held_out_test" in entry:
             m = entry["held_out_test"]
-            lines.append(f"| {name} | test patients | {m['n']} | {_f(m['accuracy'])} | "
-                         f"{_f(m['roc_auc'])} | {_f(m['sensitivity'])} | {_f(m['specificity'])} |")
+            lines.append(
+                f"| {name} | test patients | {m['n']} | {_f(m['accuracy'])} | "
+                f"{_f(m['roc_auc'])} | {_f(m['sensitivity'])} | {_f(m['specificity'])} |"
+            )
         if "lopo_usable_slices" in entry:
             m = entry["lopo_usable_slices"]
-            lines.append(f"| {name} | leave-one-patient-out, lung slices | {m['n']} | "
-                         f"{_f(m['accuracy'])} | {_f(m['roc_auc'])} | {_f(m['sensitivity'])} | "
-                         f"{_f(m['specificity'])} |")
+            lines.append(
+                f"| {name} | leave-one-patient-out, lung slices | {m['n']} | "
+                f"{_f(m['accuracy'])} | {_f(m['roc_auc'])} | {_f(m['sensitivity'])} | "
+                f"{_f(m['specificity'])} |"
+            )
     return lines
 
 
@@ -64,14 +78,18 @@ def _warning(report: dict[str, Any]) -> list[str]:
     auc = report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc")
     if auc is None or auc >= 0.6:
         return []
-    return [f"> **WARNING: on Hounsfield DICOM (the node's only input) this model ranked infected "
-            f"slices of held-out patients no better than chance (ROC AUC {auc:.2f}, "
-            "leave-one-patient-out). Do not use its verdicts for triage; it is shipped so the "
-            "pipeline runs end to end and as the measured baseline to beat.**", ""]
+    return [
+        f"> **WARNING: on Hounsfield DICOM (the node's only input) this model ranked infected "
+        f"slices of held-out patients no better than chance (ROC AUC {auc:.2f}, "
+        "leave-one-patient-out). Do not use its verdicts for triage; it is shipped so the "
+        "pipeline runs end to end and as the measured baseline to beat.**",
+        "",
+    ]
 
 
-def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
-                     sources: list[dict[str, Any]]) -> None:
+def write_model_card(
+    out_dir: Path, spec: ModelSpec, report: dict[str, Any], sources: list[dict[str, Any]]
+) -> None:
     extra = spec.model_extra or {}
     lines = [
         f"# Model card: {spec.name} {spec.version}",
@@ -100,45 +118,67 @@ def write_model_card(out_dir: Path, spec: ModelSpec, report: dict[str, Any],
         "|---|---|---|---|---|---|---|",
     ]
     for s in sources:
-        lines.append(f"| {s['name']} | {s['licence']} | {s['patients']} | "
-                     f"{s['slices_trained_on']} | {s['slices_validation']} | "
-                     f"{s['slices_held_out_test']} | {'yes' if s['lopo'] else 'no'} |")
-    lines += ["", "Citations: " + "; ".join(s["citation"] for s in sources if s["citation"]), "",
-              "## Targets (issue 3) against measured numbers", "",
-              "| what | measured | target | met |", "|---|---|---|---|"]
+        lines.append(
+            f"| {s['name']} | {s['licence']} | {s['patients']} | "
+            f"{s['slices_trained_on']} | {s['slices_validation']} | "
+            f"{s['slices_held_out_test']} | {'yes' if s['lopo'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "Citations: " + "; ".join(s["citation"] for s in sources if s["citation"]),
+        "",
+        "## Targets (issue 3) against measured numbers",
+        "",
+        "| what | measured | target | met |",
+        "|---|---|---|---|",
+    ]
     for what, value, target, met in target_rows(report):
-        lines.append(f"| {what} | {_f(value)} | {target} | "
-                     f"{'n/a' if met is None else 'yes' if met else '**NO**'} |")
+        lines.append(
+            f"| {what} | {_f(value)} | {target} | "
+            f"{'n/a' if met is None else 'yes' if met else '**NO**'} |"
+        )
     lines += ["", "## Measured performance (data the scored model did not train on)", ""]
     lines += _source_lines(report)
     if "dicom_lopo_all" in report:
         d = report["dicom_lopo_all"]
-        lines += ["", f"Hounsfield DICOM, all patients leave-one-patient-out, lung slices: "
-                      f"infected-slice ROC AUC vs all non-COVID slices "
-                      f"{_f(d['infected_vs_non_covid_auc'])}, vs Normal/non-COVID-only patients "
-                      f"{_f(d['infected_vs_normal_auc'])} ({d['n_infected']} infected, "
-                      f"{d['n_non_covid']} non-COVID slices)."]
+        lines += [
+            "",
+            f"Hounsfield DICOM, all patients leave-one-patient-out, lung slices: "
+            f"infected-slice ROC AUC vs all non-COVID slices "
+            f"{_f(d['infected_vs_non_covid_auc'])}, vs Normal/non-COVID-only patients "
+            f"{_f(d['infected_vs_normal_auc'])} ({d['n_infected']} infected, "
+            f"{d['n_non_covid']} non-COVID slices).",
+        ]
         for pid, w in d.get("within_patient_marked_vs_unmarked_auc", {}).items():
-            lines.append(f"Within {pid}: slices radiologists marked infected vs unmarked, "
-                         f"ROC AUC {_f(w['auc'])} ({w['marked']} vs {w['unmarked']}).")
+            lines.append(
+                f"Within {pid}: slices radiologists marked infected vs unmarked, "
+                f"ROC AUC {_f(w['auc'])} ({w['marked']} vs {w['unmarked']})."
+            )
     if "series_verdicts_lopo" in report:
         lines += ["", "Series verdicts (leave-one-patient-out):", ""]
         for v in report["series_verdicts_lopo"].values():
-            lines.append(f"- {v['patient_id']} ({v.get('label', '')}): "
-                         f"{'rejected' if v.get('rejected') else ('positive' if v['positive'] else 'negative')}"
-                         f" score {v.get('score', '')} {'(correct)' if v.get('correct') else '(WRONG)' if 'correct' in v else ''}")
-    lines += ["", report.get("lopo_note", ""), "",
-              "## Not tested on / limitations",
-              "- Only 3 COVID-positive and 7 non-COVID Hounsfield DICOM patients exist here, from "
-              "few scanners (Siemens, Philips, one RICORD site); the DICOM numbers have wide "
-              "uncertainty. Not tested on other vendors, low-dose protocols, children, or "
-              "post-2021 variants.",
-              "- The 8-bit sources were windowed by their publishers (UCSD images are cropped from "
-              "papers, some with burned-in text); their numbers say little about Hounsfield input.",
-              "- Only one real pneumonia (CAP) patient: the model does not separate COVID-19 from "
-              "other pneumonias reliably, and no Pneumonia class is offered.",
-              "- Slice labels of COVID-CT-MD CAP patients are less certain (upstream README).",
-              "", "See `evaluation.json` for every number, per patient, and the PNGs here; "
-              "design ablations (rendering, crop, equalisation, input size, data mix, fine-tuning), "
-              "where run, are in `ablation.jsonl` (`python -m training.ablation`)."]
+            lines.append(
+                f"- {v['patient_id']} ({v.get('label', '')}): "
+                f"{'rejected' if v.get('rejected') else ('positive' if v['positive'] else 'negative')}"
+                f" score {v.get('score', '')} {'(correct)' if v.get('correct') else '(WRONG)' if 'correct' in v else ''}"
+            )
+    lines += [
+        "",
+        report.get("lopo_note", ""),
+        "",
+        "## Not tested on / limitations",
+        "- Only 3 COVID-positive and 7 non-COVID Hounsfield DICOM patients exist here, from "
+        "few scanners (Siemens, Philips, one RICORD site); the DICOM numbers have wide "
+        "uncertainty. Not tested on other vendors, low-dose protocols, children, or "
+        "post-2021 variants.",
+        "- The 8-bit sources were windowed by their publishers (UCSD images are cropped from "
+        "papers, some with burned-in text); their numbers say little about Hounsfield input.",
+        "- Only one real pneumonia (CAP) patient: the model does not separate COVID-19 from "
+        "other pneumonias reliably, and no Pneumonia class is offered.",
+        "- Slice labels of COVID-CT-MD CAP patients are less certain (upstream README).",
+        "",
+        "See `evaluation.json` for every number, per patient, and the PNGs here; "
+        "design ablations (rendering, crop, equalisation, input size, data mix, fine-tuning), "
+        "where run, are in `ablation.jsonl` (`python -m training.ablation`).",
+    ]
     (out_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

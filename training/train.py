@@ -34,9 +34,9 @@ from training.config import FinetuneConfig, OptimiserConfig, SourceConfig, Train
 from training.dataset import (
     NORMAL,
     Row,
+    canonical_label,
     check_patient_disjoint,
     class_index,
-    canonical_label,
     read_covidx,
     read_csv_manifest,
     read_dicom_series,
@@ -81,11 +81,19 @@ def collect_rows(cfg: TrainConfig) -> list[Row]:
         part = read_source(src)
         fixed = src.split if src.split in ("train", "test") else None
         part = split_by_patient(
-            part, cfg.split.val_fraction, cfg.split.test_fraction, cfg.seed + i,
-            use_official=src.split == "official", fixed=fixed,
+            part,
+            cfg.split.val_fraction,
+            cfg.split.test_fraction,
+            cfg.seed + i,
+            use_official=src.split == "official",
+            fixed=fixed,
         )
-        logger.info("source %s: %d rows, %d patients", src.name, len(part),
-                    len({r.patient_id for r in part}))
+        logger.info(
+            "source %s: %d rows, %d patients",
+            src.name,
+            len(part),
+            len({r.patient_id for r in part}),
+        )
         rows += part
     check_patient_disjoint(rows)
     return rows
@@ -141,13 +149,18 @@ def build_head(n_features: int, num_classes: int, dropout: float, l2: float) -> 
     """The classifier head alone (on standardised features), layer names as in the full model."""
     inputs = keras.Input((n_features,), name="features")
     x = keras.layers.Dropout(dropout, name="dropout")(inputs)
-    out = keras.layers.Dense(num_classes, activation="softmax", name="classifier",
-                             kernel_regularizer=keras.regularizers.L2(l2) if l2 else None)(x)
+    out = keras.layers.Dense(
+        num_classes,
+        activation="softmax",
+        name="classifier",
+        kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
+    )(x)
     return keras.Model(inputs, out, name="head")
 
 
-def fold_standardisation(head: keras.Model, mu: np.ndarray, sd: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def fold_standardisation(
+    head: keras.Model, mu: np.ndarray, sd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Dense weights on standardised features -> the same layer on raw pooled features."""
     kernel, bias = head.get_layer("classifier").get_weights()
     folded = kernel / sd[:, None]
@@ -172,59 +185,105 @@ def fit(
     dataset: bool = False,
 ) -> keras.Model:
     """Compile and fit with early stopping and the best weights kept; resumable via log_dir."""
-    model.compile(optimizer=optimiser(opt), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=optimiser(opt), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     monitor = opt.monitor if val is not None else opt.monitor.removeprefix("val_")
     mode = "max" if "acc" in monitor else "min"
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor, patience=opt.patience, mode=mode,
-                                      restore_best_weights=True),
+        keras.callbacks.EarlyStopping(
+            monitor, patience=opt.patience, mode=mode, restore_best_weights=True
+        ),
     ]
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         callbacks += [
             keras.callbacks.BackupAndRestore(str(log_dir / "backup")),
-            keras.callbacks.ModelCheckpoint(str(log_dir / "best.weights.h5"), monitor,
-                                            mode=mode, save_best_only=True,
-                                            save_weights_only=True),
+            keras.callbacks.ModelCheckpoint(
+                str(log_dir / "best.weights.h5"),
+                monitor,
+                mode=mode,
+                save_best_only=True,
+                save_weights_only=True,
+            ),
             EpochLogger(log_dir),
         ]
     callbacks += list(extra_callbacks)
     verbose = (1 if sys.stdout.isatty() else 2) if log_dir is not None else 0
     if dataset:
-        model.fit(train[0], validation_data=val, epochs=opt.epochs, callbacks=callbacks,
-                  verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
+        model.fit(
+            train[0],
+            validation_data=val,
+            epochs=opt.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the tf.data pipeline shuffles
     else:
         x, y, w = train
-        model.fit(x, y, sample_weight=w, batch_size=opt.batch_size, epochs=opt.epochs,
-                  validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=True)
+        model.fit(
+            x,
+            y,
+            sample_weight=w,
+            batch_size=opt.batch_size,
+            epochs=opt.epochs,
+            validation_data=val,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=True,
+        )
     return model
 
 
 class Phase1:
     """Cached features + labels for head training and leave-one-patient-out refits."""
 
-    def __init__(self, cfg: TrainConfig, rows: list[Row], cache: NativeCache,
-                 emb: keras.Model, work: Path) -> None:
+    def __init__(
+        self, cfg: TrainConfig, rows: list[Row], cache: NativeCache, emb: keras.Model, work: Path
+    ) -> None:
         self.cfg, self.rows = cfg, rows
         aug = AugmentConfig(**cfg.augment.model_dump())
         window = cfg.window.as_window()
         usable = usable_for_training(rows, cache.lung, cfg)
         self.usable = usable
         self.all_idx = list(range(len(rows)))
-        self.base = rendering_features(emb, cache, self.all_idx, 0, cfg.input_size, window,
-                                       aug, cfg.seed, work / "features", cfg.crop,
-                                       cfg.normalise)
+        self.base = rendering_features(
+            emb,
+            cache,
+            self.all_idx,
+            0,
+            cfg.input_size,
+            window,
+            aug,
+            cfg.seed,
+            work / "features",
+            cfg.crop,
+            cfg.normalise,
+        )
         self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
         self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
         self.aug_feats = [
-            rendering_features(emb, cache, self.train_idx, r, cfg.input_size, window, aug,
-                               cfg.seed, work / "features", cfg.crop,
-                                       cfg.normalise)
+            rendering_features(
+                emb,
+                cache,
+                self.train_idx,
+                r,
+                cfg.input_size,
+                window,
+                aug,
+                cfg.seed,
+                work / "features",
+                cfg.crop,
+                cfg.normalise,
+            )
             for r in range(1, cfg.head.renderings + 1)
         ]
-        self.labels = np.array([class_index(r.label, cfg.classes) if u else -1
-                                for r, u in zip(rows, usable, strict=True)])
+        self.labels = np.array(
+            [
+                class_index(r.label, cfg.classes) if u else -1
+                for r, u in zip(rows, usable, strict=True)
+            ]
+        )
 
         self.source_weight = {s.name: s.weight for s in cfg.sources}
 
@@ -243,9 +302,12 @@ class Phase1:
         src = [self.rows[i].source for i in self.val_idx]
         return self.base[self.val_idx], y, sample_weights(y, src, self.source_weight)
 
-    def fit_head(self, exclude: str | None, log_dir: Path | None,
-                 extra: Sequence[keras.callbacks.Callback] = ()
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def fit_head(
+        self,
+        exclude: str | None,
+        log_dir: Path | None,
+        extra: Sequence[keras.callbacks.Callback] = (),
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Train the head without patient ``exclude``; returns the folded (kernel, bias)."""
         keras.utils.set_random_seed(self.cfg.seed)
         x, y, w = self.train_set(exclude)
@@ -274,8 +336,9 @@ class Phase1:
 # ------------------------------------------------------------------------------------ fine-tune
 
 
-def streamed(x: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, aug: AugmentConfig | None,
-             seed: int) -> Any:
+def streamed(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, aug: AugmentConfig | None, seed: int
+) -> Any:
     """``tf.data`` over in-memory inputs; augmentation (intensity + geometry) on the fly."""
     import tensorflow as tf
 
@@ -287,13 +350,24 @@ def streamed(x: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, aug: Augme
     ds = ds.batch(batch)
     if aug is not None:
         geo = geometric_layers(aug, seed)
-        ds = ds.map(lambda a, b, c: (tf.clip_by_value(geo(tf_intensity(a, aug), training=True),
-                                                      0.0, 1.0), b, c))
+        ds = ds.map(
+            lambda a, b, c: (
+                tf.clip_by_value(geo(tf_intensity(a, aug), training=True), 0.0, 1.0),
+                b,
+                c,
+            )
+        )
     return ds.prefetch(2)
 
 
-def finetune(model: keras.Model, cfg: TrainConfig, ft: FinetuneConfig, data: dict[str, Any],
-             log_dir: Path, extra: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+def finetune(
+    model: keras.Model,
+    cfg: TrainConfig,
+    ft: FinetuneConfig,
+    data: dict[str, Any],
+    log_dir: Path,
+    extra: Sequence[keras.callbacks.Callback] = (),
+) -> keras.Model:
     from training.model import set_backbone_trainable
 
     set_backbone_trainable(model, ft.top_blocks)
@@ -322,8 +396,14 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     write_manifest(rows, work / "manifest.csv")
     weights = lite0_weights_path() if cfg.backbone_weights == "imagenet" else None
     model = build_classifier(len(cfg.classes), cfg.input_size, weights, cfg.dropout)
-    cache = NativeCache(rows, {s.name: s.rendered_window.as_window() for s in cfg.sources
-                               if s.rendered_window is not None})
+    cache = NativeCache(
+        rows,
+        {
+            s.name: s.rendered_window.as_window()
+            for s in cfg.sources
+            if s.rendered_window is not None
+        },
+    )
     phase1 = Phase1(cfg, rows, cache, embedding_model(model), work)
     positive_index = cfg.classes.index(cfg.positive_class)
 
@@ -350,10 +430,13 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             for split, idx in (("train", phase1.train_idx), ("val", phase1.val_idx)):
                 if idx:
                     y = phase1.labels[idx]
-                    data[split] = (cache.inputs(idx, cfg.input_size, window, crop=cfg.crop,
-                                                normalise=cfg.normalise), y,
-                                   sample_weights(y, [rows[i].source for i in idx],
-                                                  phase1.source_weight))
+                    data[split] = (
+                        cache.inputs(
+                            idx, cfg.input_size, window, crop=cfg.crop, normalise=cfg.normalise
+                        ),
+                        y,
+                        sample_weights(y, [rows[i].source for i in idx], phase1.source_weight),
+                    )
             finetune(model, cfg, cfg.finetune, data, work / "finetune", extra_callbacks)
             model.save_weights(ft_weights)
             state["finetune_done"] = True
@@ -366,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     model_dir = run(load_config(args.config))
     print(model_dir)
     return 0

@@ -136,5 +136,3 @@ def summary(rows: list[SeriesRow]) -> dict[str, int]:
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
     return counts
-
-
