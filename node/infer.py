@@ -39,7 +39,7 @@ class LoadedModel:
 
     @property
     def algorithm(self) -> AlgorithmInfo:
-        return AlgorithmInfo(self.spec.name, self.spec.version, self.spec.sha256)
+        return AlgorithmInfo(self.spec.name, self.spec.version, self.spec.sha256, self.spec.notice)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a ``(N, size, size)`` batch of preprocessed slices."""

@@ -77,6 +77,9 @@ class ModelSpec(BaseModel):
     series_rule: SeriesRule = SeriesRule()
     threshold: float = Field(0.5, ge=0, le=1, description="slice-level operating point")
     sha256: str = ""
+    notice: str = Field(
+        "", description="written into every SR this model makes (e.g. its measured limits)"
+    )
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ModelSpec:

@@ -94,6 +94,7 @@ SLICES_UNIT = Code("{slices}", "UCUM", "slices")
 # --- Fixed texts -------------------------------------------------------------------------------
 
 SERIES_DESCRIPTION = "COVID triage (AI) - not a diagnosis"
+MODEL_NOTICE_PREFIX = "Model notice: "
 DISCLAIMER = (
     "Triage aid only, not a diagnosis: produced by an AI model without human review. "
     "A radiologist must read the images."
@@ -284,6 +285,8 @@ def _measurement_group(verdict: SeriesVerdict) -> MeasurementsAndQualitativeEval
         ],
     )
     comments = [DISCLAIMER]
+    if algorithm.notice:
+        comments.append(MODEL_NOTICE_PREFIX + algorithm.notice)
     if not verdict.analysed:
         comments.insert(0, NOT_ANALYSED_PREFIX + (verdict.reason or "no reason given"))
     for text in comments:

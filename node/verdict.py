@@ -21,6 +21,7 @@ class AlgorithmInfo:
     name: str
     version: str
     sha256: str
+    notice: str = ""  # the model's own caveat, shown to the radiologist in the SR
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,12 @@ def test_evaluate_manifest_with_rendered_window(
     )
     report = json.loads(capsys.readouterr().out)
     assert report["manifest"]["n"] == 12
+
+
+def test_model_notice_comes_from_the_measured_dicom_auc() -> None:
+    from training.model_card import notice_for
+
+    assert notice_for({}) == ""
+    assert notice_for({"dicom_lopo_all": {"infected_vs_non_covid_auc": 0.91}}) == ""
+    text = notice_for({"dicom_lopo_all": {"infected_vs_non_covid_auc": 0.341}})
+    assert "ROC AUC 0.34" in text and "Hounsfield" in text

@@ -198,3 +198,15 @@ def test_evidence_from_another_study_is_refused(headers: list[Dataset]) -> None:
 
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         build_report(verdict, headers)
+
+
+def test_model_notice_is_in_the_report(headers: list[Dataset], tmp_path: Path) -> None:
+    """A model's own caveat (model.json ``notice``) reaches the radiologist in every SR."""
+    notice = "not validated on Hounsfield CT (test notice)"
+    algorithm = AlgorithmInfo(ALGORITHM.name, ALGORITHM.version, ALGORITHM.sha256, notice)
+    verdict = make_verdict(headers, algorithm=algorithm)
+    path = tmp_path / "sr.dcm"
+    write_report(build_report(verdict, headers), path)
+    check_with_tools(path, ["Model notice: not validated on Hounsfield CT"])
+    without = make_verdict(headers)
+    assert "Model notice" not in str(build_report(without, headers).ContentSequence)

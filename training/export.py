@@ -31,7 +31,7 @@ from training.evaluate import (
     plot_training_curves,
 )
 from training.features import NativeCache
-from training.model_card import write_model_card
+from training.model_card import notice_for, write_model_card
 from training.predict import predict_proba, series_score
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,7 @@ def export(
             if cfg.backbone_weights
             else "EfficientNet-Lite0 (random init)",
             "training_config": cfg.model_dump(mode="json"),
+            "notice": notice_for(report),
         }
     )
     final = write_spec(out_dir, final)

@@ -73,6 +73,17 @@ def _source_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def notice_for(report: dict[str, Any]) -> str:
+    """The caveat every SR of this model carries, from the measured DICOM result ('' if none)."""
+    auc = report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc")
+    if auc is None or auc >= 0.6:
+        return ""
+    return (
+        f"not validated on Hounsfield CT: on held-out patients it ranked infected slices no "
+        f"better than chance (ROC AUC {auc:.2f}, leave-one-patient-out). Do not rely on this verdict."
+    )
+
+
 def _warning(report: dict[str, Any]) -> list[str]:
     """A loud line when the model is no better than chance on the node's real input."""
     auc = report.get("dicom_lopo_all", {}).get("infected_vs_non_covid_auc")
