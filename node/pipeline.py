@@ -6,6 +6,7 @@ A series that cannot be analysed still gets an SR that says why; only delivery i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -23,7 +24,7 @@ from node.config import Settings
 from node.db import Instance, Job, JobStage, JobState
 from node.errors import InferenceFailed, NodeError, SendFailed, SeriesRejected
 from node.infer import LoadedModel, reduce_scores, score_slices
-from node.report import PredecessorRef, build_report, result_uids, write_report
+from node.report import PredecessorRef, build_report, write_report
 from node.send import store_files
 from node.series_check import order_and_check, read_headers
 from node.spool import Spool
@@ -88,7 +89,7 @@ def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
     try:
         if job.stage == JobStage.ANALYSE:
             sr_path = analyse_and_report(job, ctx)
-            job = jobs.ClaimedJob(**{**job.__dict__, "stage": JobStage.DELIVER, "attempts": 1})
+            job = dataclasses.replace(job, stage=JobStage.DELIVER, attempts=1)
         else:
             sr_path = Path(_job_row(ctx, job.job_id).sr_path)
         return deliver(job, sr_path, ctx)
@@ -220,6 +221,3 @@ def _predecessor(ctx: Context, job: jobs.ClaimedJob) -> PredecessorRef | None:
         series_instance_uid=previous.sr_series_uid,
         study_instance_uid=job.study_instance_uid,
     )
-
-
-__all__ = ["Context", "analyse_files", "result_uids", "run_job"]
