@@ -114,6 +114,26 @@ def test_model_notice_comes_from_the_measured_dicom_auc() -> None:
     from training.model_card import notice_for
 
     assert notice_for({}) == ""
-    assert notice_for({"dicom_lopo_all": {"infected_vs_non_covid_auc": 0.91}}) == ""
-    text = notice_for({"dicom_lopo_all": {"infected_vs_non_covid_auc": 0.341}})
-    assert "ROC AUC 0.34" in text and "Hounsfield" in text
+    good = {"infected_vs_non_covid_auc": 0.91, "infected_vs_non_covid_ci95": [0.8, 0.97]}
+    assert notice_for({"held_out_protocol": "site", "dicom_held_out": {"site": good}}) == ""
+    text = notice_for({"dicom_held_out": {"patient": {"infected_vs_non_covid_auc": 0.341}}})
+    assert "ROC AUC 0.34" in text and "Hounsfield" in text and "leave-one-patient-out" in text
+    # A good point estimate whose patient-bootstrap interval reaches chance is not validated.
+    wide = {"infected_vs_non_covid_auc": 0.7, "infected_vs_non_covid_ci95": [0.37, 0.87]}
+    text = notice_for({"held_out_protocol": "site", "dicom_held_out": {"site": wide}})
+    assert "95% CI 0.37-0.87, leave-one-site-out" in text
+
+
+def test_auc_interval_is_patient_clustered() -> None:
+    """Many slices of few patients: the interval must reflect the patients, not the slices."""
+    from training.evaluate import auc_ci95
+
+    rng = np.random.default_rng(0)
+    pids = [f"p{p}" for p in range(6) for _ in range(50)]
+    y = np.array([int(p < 3) for p in range(6) for _ in range(50)])
+    # Patient-level offsets dominate: one positive patient scores like the negatives.
+    offset = {0: 1.0, 1: 1.0, 2: -1.0, 3: 0.0, 4: 0.0, 5: -0.2}
+    s = np.array([offset[int(p[1:])] for p in pids]) + rng.normal(0, 0.3, len(pids))
+    lo, hi = auc_ci95(y, s, pids, n_boot=500)
+    assert lo < 0.6 < hi  # slice-level resampling would claim a tight interval near 0.7
+    assert auc_ci95(y[:100], s[:100], pids[:100]) is None  # one class present: no interval

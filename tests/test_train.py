@@ -165,3 +165,62 @@ def test_series_rule_choice_does_not_reward_calling_everything_negative() -> Non
     rule, results = choose_series_rule(series, [silent, useful], min_slices=5)
     assert rule == useful
     assert results[1]["balanced_accuracy"] == 1.0 and results[0]["balanced_accuracy"] == 0.5
+
+
+def test_held_out_by_site_never_trains_on_the_scored_site() -> None:
+    """Leave-one-site-out: every row of a ``lopo`` source is scored by a head that saw no row of
+    that source; leave-one-patient-out still trains on the rest of the patient's site."""
+    from dataclasses import dataclass
+
+    from training.dataset import Row
+    from training.train import Phase1
+
+    @dataclass
+    class Src:
+        name: str
+        lopo: bool
+
+    @dataclass
+    class Cfg:
+        sources: list[Src]
+
+    rows = [
+        Row(
+            f"{s}/{p}/{i}",
+            "COVID-19" if p == 0 else "Normal",
+            f"{s}:{p}",
+            s,
+            "dicom",
+            split="train",
+        )
+        for s in ("siteA", "siteB")
+        for p in range(2)
+        for i in range(3)
+    ] + [Row(f"img/{i}", "Normal", f"img:{i}", "images", split="train") for i in range(4)]
+    phase = object.__new__(Phase1)
+    phase.cfg = Cfg([Src("siteA", True), Src("siteB", True), Src("images", False)])  # type: ignore[assignment]
+    phase.rows = rows
+    phase.train_idx = list(range(len(rows)))
+    phase.base = np.arange(len(rows), dtype=np.float32)[:, None]
+    phase.aug_feats = []
+    phase.labels = np.array([1 if r.label == "COVID-19" else 0 for r in rows])
+    phase.source_weight = {}
+    seen: list[set[str]] = []
+
+    def fake_fit(exclude: Any, log_dir: Any, extra: Any = (), exclude_by: Any = None) -> Any:
+        x, _, _ = phase.train_set(exclude, exclude_by)
+        seen.append({rows[int(v)].source + "|" + rows[int(v)].patient_id for v in x[:, 0]})
+        return np.zeros((1, 2), np.float32), np.zeros(2, np.float32)
+
+    phase.fit_head = fake_fit  # type: ignore[method-assign]
+    by_site = phase.held_out_scores(1, "site")
+    assert sorted(by_site) == list(range(12)), "every row of the lopo sources scored once"
+    assert [sorted({k.split("|")[0] for k in s}) for s in seen] == [
+        ["images", "siteB"],
+        ["images", "siteA"],
+    ]
+    seen.clear()
+    phase.held_out_scores(1, "patient")
+    assert len(seen) == 4
+    assert all("siteA|siteA:1" in s for s in seen[:1])  # patient siteA:0 out, its site-mate in
+    assert all("siteA|siteA:0" not in s for s in seen[:1])

@@ -104,6 +104,9 @@ class ThresholdConfig(_Strict):
     value: float = Field(0.5, ge=0, le=1)
 
 
+HOLDOUTS = ("site", "patient")
+
+
 class TrainConfig(_Strict):
     name: str
     version: str
@@ -126,6 +129,12 @@ class TrainConfig(_Strict):
     series_rules: list[SeriesRule] = Field(
         default_factory=lambda: [SeriesRule(kind="top_k_mean", k=5)],
         description="candidates; the one with the best leave-one-patient-out series results wins",
+    )
+    holdout: Literal["site", "patient"] = Field(
+        "site",
+        description="how ``lopo`` sources are held out for the series rule and the notice: "
+        "``site`` (the whole source at a time, as a new hospital) or ``patient``; both are "
+        "measured and reported",
     )
     output_root: Path = Path("models")
     work_dir: Path = Path("runs/default")

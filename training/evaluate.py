@@ -45,6 +45,37 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
+def auc_ci95(
+    y: np.ndarray, s: np.ndarray, patient_ids: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """95% interval of the ROC AUC by a patient-clustered, class-stratified bootstrap.
+
+    Slices of one patient are not independent, so patients (not slices) are resampled with
+    replacement, separately among patients with and without positive slices; ``None`` when
+    either group has fewer than two patients.  With few patients the interval is wide, which is
+    the point: it says how much a held-out AUC on this data can be trusted.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, pid in enumerate(patient_ids):
+        groups[pid].append(i)
+    pos_p = [np.array(ix) for ix in groups.values() if y[ix].any()]
+    neg_p = [np.array(ix) for ix in groups.values() if not y[ix].any()]
+    if len(pos_p) < 2 or len(neg_p) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n_boot):
+        pick = [pos_p[j] for j in rng.integers(len(pos_p), size=len(pos_p))]
+        pick += [neg_p[j] for j in rng.integers(len(neg_p), size=len(neg_p))]
+        ix = np.concatenate(pick)
+        if 0 < y[ix].sum() < len(ix):
+            aucs.append(roc_auc_score(y[ix], s[ix]))
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -96,6 +127,7 @@ def classification_metrics(
         if len(present) == n:
             out["roc_auc_ovr_macro"] = float(roc_auc_score(y_true, probs, multi_class="ovr"))
     if patient_ids is not None:
+        out["roc_auc_ci95"] = auc_ci95(is_pos, pos, patient_ids)
         out["per_patient"] = per_patient(y_true, pos, patient_ids, positive_index, threshold)
     return out
 
@@ -127,16 +159,24 @@ def per_patient(
 def dicom_slice_auc(rows: Sequence[Row], pos: np.ndarray) -> dict[str, Any]:
     """Infected-slice AUC: slices of COVID-19 patients not marked uninfected vs non-COVID slices.
 
-    Also against the slices of the patients labelled Normal only, where there are any.
+    Also against the slices of the patients labelled Normal only, where there are any.  Each AUC
+    comes with its patient-bootstrap 95% interval (``auc_ci95``).
     """
     infected = np.array([r.label == COVID and r.slice_label != 0 for r in rows])
     negative = np.array([r.label != COVID for r in rows])
     normal = np.array([r.label in ("Normal", "non-COVID") for r in rows])
     out: dict[str, Any] = {"n_infected": int(infected.sum()), "n_non_covid": int(negative.sum())}
     keep = infected | negative
+    pids = np.array([r.patient_id for r in rows])
     out["infected_vs_non_covid_auc"] = _auc(infected[keep].astype(int), pos[keep])
+    out["infected_vs_non_covid_ci95"] = auc_ci95(
+        infected[keep].astype(int), pos[keep], pids[keep].tolist()
+    )
     keep = infected | normal
     out["infected_vs_normal_auc"] = _auc(infected[keep].astype(int), pos[keep])
+    out["infected_vs_normal_ci95"] = auc_ci95(
+        infected[keep].astype(int), pos[keep], pids[keep].tolist()
+    )
     within = {}
     for pid in sorted({r.patient_id for r in rows if r.slice_label is not None}):
         idx = [i for i, r in enumerate(rows) if r.patient_id == pid and r.slice_label is not None]

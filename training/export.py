@@ -3,7 +3,8 @@
 Writes ``model.keras``, ``model.json`` (``node.model_spec.write_spec``), ``evaluation.json``,
 PNGs (confusion matrices, ROC, training curves), the epoch logs and ``MODEL_CARD.md``.  Every
 number comes from data the scored model did not train on: the held-out (test) patients of each
-source, and leave-one-patient-out scores for the ``lopo`` sources.
+source, and held-out scores (leave-one-site-out and leave-one-patient-out) for the ``lopo``
+sources.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.clip(thr[best], 0.0, 1.0))
 
 
-def lopo_series(
-    rows: Sequence[Row], lung: np.ndarray, lopo: dict[str, float], cfg: TrainConfig
+def held_out_series(
+    rows: Sequence[Row], lung: np.ndarray, scores: dict[str, float], cfg: TrainConfig
 ) -> dict[str, dict[str, Any]]:
     """Series of the LOPO sources: label, selected slices' held-out scores, in z order."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        if r.path in lopo:
+        if r.path in scores:
             groups[r.series_uid or r.patient_id].append(i)
     out = {}
     for uid, idx in sorted(groups.items()):
@@ -68,7 +69,7 @@ def lopo_series(
             "positive": positive,
             "slices": len(idx),
             "selected": len(keep),
-            "scores": [lopo[rows[i].path] for i in keep],
+            "scores": [scores[rows[i].path] for i in keep],
         }
     return out
 
@@ -140,11 +141,14 @@ def evaluate_all(
     rows: Sequence[Row],
     cache: NativeCache,
     usable: np.ndarray,
-    lopo: dict[str, float],
+    held_out: dict[str, dict[str, float]],
     spec: ModelSpec,
     out_dir: Path,
 ) -> tuple[dict[str, Any], float, SeriesRule]:
-    """Held-out metrics per source, the threshold and the chosen series rule."""
+    """Held-out metrics per source, the threshold and the chosen series rule.
+
+    ``held_out``: protocol (``site``/``patient``) -> row path -> held-out positive score for the
+    ``lopo`` sources; the series rule is chosen on ``cfg.holdout``'s scores."""
     pos_idx = spec.positive_index
     window = cfg.window.as_window()
     inputs = cache.inputs(
@@ -200,57 +204,78 @@ def evaluate_all(
                 entry["held_out_test_dicom_slices"] = dicom_slice_auc(
                     [rows[i] for i in lung], probs[lung, pos_idx]
                 )
+        for by, scores in held_out.items():
+            held = [
+                i
+                for i, r in enumerate(rows)
+                if r.source == src.name
+                and r.path in scores
+                and r.kind == "dicom"
+                and cache.lung[i] >= cfg.selection.min_lung_fraction
+            ]
+            if held:
+                s = np.array([scores[rows[i].path] for i in held])
+                entry.setdefault("held_out_selected_slices", {})[by] = dicom_slice_auc(
+                    [rows[i] for i in held], s
+                )
+                use = [j for j, i in enumerate(held) if usable[i]]
+                y = np.array([labels[held[j]] == pos_idx for j in use])
+                entry.setdefault("held_out_usable_slices", {})[by] = _binary(
+                    y, s[use], thr, [rows[held[j]].patient_id for j in use], cfg.positive_class
+                )
+        if entry:
+            report["sources"][src.name] = entry
+    rule = cfg.series_rules[0]
+    if held_out:
+        report["held_out_protocol"] = cfg.holdout
+        report["dicom_held_out"], report["series_verdicts_held_out"] = {}, {}
+    for by, scores in held_out.items():
         held = [
             i
             for i, r in enumerate(rows)
-            if r.source == src.name
-            and r.path in lopo
+            if r.path in scores
             and r.kind == "dicom"
             and cache.lung[i] >= cfg.selection.min_lung_fraction
         ]
-        if held:
-            s = np.array([lopo[rows[i].path] for i in held])
-            entry["lopo_selected_slices"] = dicom_slice_auc([rows[i] for i in held], s)
-            use = [j for j, i in enumerate(held) if usable[i]]
-            y = np.array([labels[held[j]] == pos_idx for j in use])
-            entry["lopo_usable_slices"] = _binary(
-                y, s[use], thr, [rows[held[j]].patient_id for j in use], cfg.positive_class
-            )
-        if entry:
-            report["sources"][src.name] = entry
-    held = [
-        i
-        for i, r in enumerate(rows)
-        if r.path in lopo and r.kind == "dicom" and cache.lung[i] >= cfg.selection.min_lung_fraction
-    ]
-    if held:
-        s = np.array([lopo[rows[i].path] for i in held])
+        if not held:
+            continue
+        s = np.array([scores[rows[i].path] for i in held])
         sub = [rows[i] for i in held]
-        report["dicom_lopo_all"] = dicom_slice_auc(sub, s)
+        report["dicom_held_out"][by] = dicom_slice_auc(sub, s)
         infected = np.array([r.label == "COVID-19" and r.slice_label != 0 for r in sub])
         negative = np.array([r.label != "COVID-19" for r in sub])
         keep = infected | negative
-        curves["DICOM LOPO infected vs non-COVID"] = (infected[keep].astype(int), s[keep])
-    rule = cfg.series_rules[0]
-    series = lopo_series(rows, cache.lung, lopo, cfg)
-    if series:
-        rule, results = choose_series_rule(series, cfg.series_rules, cfg.selection.min_slices)
+        curves[f"DICOM held out by {by}: infected vs non-COVID"] = (
+            infected[keep].astype(int),
+            s[keep],
+        )
+        series = held_out_series(rows, cache.lung, scores, cfg)
+        if not series:
+            continue
+        chosen_rule, results = choose_series_rule(
+            series, cfg.series_rules, cfg.selection.min_slices
+        )
+        chosen = next(
+            r for r in results if r["rule"] == chosen_rule.model_dump(exclude={"justification"})
+        )
+        report["series_verdicts_held_out"][by] = chosen["verdicts"]
+        if by != cfg.holdout:
+            continue
         report["series_rule_candidates"] = results
-        chosen = next(r for r in results if r["rule"] == rule.model_dump(exclude={"justification"}))
-        report["series_verdicts_lopo"] = chosen["verdicts"]
         names = ", ".join(
             f"{v['patient_id']}={'pos' if v.get('positive') else 'neg'}"
             f"({v.get('score', 'rejected')})"
             for v in chosen["verdicts"].values()
         )
-        rule = rule.model_copy(
+        rule = chosen_rule.model_copy(
             update={
                 "justification": (
-                    f"Chosen among {len(results)} candidate rules by leave-one-patient-out series "
+                    f"Chosen among {len(results)} candidate rules by held-out (by {by}) series "
                     f"verdicts on the Hounsfield DICOM series: balanced accuracy "
                     f"{chosen['balanced_accuracy']:.2f} (sensitivity {chosen['sensitivity']}, "
                     f"specificity {chosen['specificity']}; {chosen['correct']}/{chosen['scored']} "
-                    f"correct): {names}. Selected on only {chosen['scored']} series, so it is tuned "
+                    f"correct): {names}. Selected on only {chosen['scored']} series, so it is "
+                    "tuned "
                     "to them; see evaluation.json 'series_rule_candidates'."
                 )
             }
@@ -266,7 +291,7 @@ def export(
     rows: Sequence[Row],
     cache: NativeCache,
     usable: np.ndarray,
-    lopo: dict[str, float],
+    held_out: dict[str, dict[str, float]],
     work: Path,
 ) -> Path:
     out_dir = cfg.resolved(cfg.output_root) / cfg.name / cfg.version
@@ -289,7 +314,7 @@ def export(
         preprocessing_version=PREPROCESSING_VERSION,
         selection=cfg.selection,
     )
-    report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, lopo, spec, out_dir)
+    report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, held_out, spec, out_dir)
     for phase in ("head", "finetune"):
         for name in ("log.csv", "log.jsonl"):
             if (work / phase / name).is_file():
@@ -315,9 +340,9 @@ def export(
                 "slices_held_out_test": sum(1 for r, u in srows if u and r.split == "test"),
             }
         )
-    report["lopo_note"] = (
-        "LOPO scores come from the phase-1 recipe (frozen backbone, head "
-        "refitted without the patient)"
+    report["held_out_note"] = (
+        "Held-out DICOM scores come from the phase-1 recipe (frozen backbone, head refitted "
+        "without the site or the patient)"
         + (
             " ; the shipped model was fine-tuned further"
             if cfg.finetune.epochs
@@ -353,12 +378,13 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}_test"] = {
                 k: m[k] for k in ("n", "accuracy", "roc_auc", "sensitivity", "specificity")
             }
-        if "lopo_selected_slices" in entry:
-            out[f"{name}_lopo_slices"] = entry["lopo_selected_slices"]
-    if "dicom_lopo_all" in report:
-        out["dicom_lopo_all"] = report["dicom_lopo_all"]
-    if "series_verdicts_lopo" in report:
-        out["series_verdicts_lopo"] = {
-            v["patient_id"]: v.get("positive") for v in report["series_verdicts_lopo"].values()
+    for by, d in report.get("dicom_held_out", {}).items():
+        out[f"dicom_held_out_by_{by}"] = {
+            k: d[k]
+            for k in ("infected_vs_non_covid_auc", "infected_vs_non_covid_ci95", "n_infected")
+        }
+    for by, verdicts in report.get("series_verdicts_held_out", {}).items():
+        out[f"series_verdicts_held_out_by_{by}"] = {
+            v["patient_id"]: v.get("positive") for v in verdicts.values()
         }
     return out

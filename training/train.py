@@ -4,8 +4,9 @@
 2. Phase 1, frozen backbone: cache features of the exact node inputs plus N augmented renderings
    of every training slice, train the softmax head on them (Adam, exponential decay, early
    stopping, best checkpoint, resumable) and copy it into the full model.
-3. Leave-one-patient-out: for sources marked ``lopo`` (the scarce Hounsfield DICOM patients), refit
-   the head without each patient and score that patient, so no patient scores itself.
+3. Held-out scores for sources marked ``lopo`` (the scarce Hounsfield DICOM patients): refit the
+   head without each site (whole source) and score it, and again without each patient, so no
+   patient scores itself; ``holdout`` names the protocol the series rule and notice use.
 4. Phase 2 (optional, ``finetune.epochs > 0``): fine-tune the top blocks on streamed augmented
    inputs (``tf.data``), resumable through ``BackupAndRestore``.
 5. Export ``models/<name>/<version>/`` with evaluation, plots and model card
@@ -30,7 +31,14 @@ import keras
 import numpy as np
 
 from training.augment import AugmentConfig
-from training.config import FinetuneConfig, OptimiserConfig, SourceConfig, TrainConfig, load_config
+from training.config import (
+    HOLDOUTS,
+    FinetuneConfig,
+    OptimiserConfig,
+    SourceConfig,
+    TrainConfig,
+    load_config,
+)
 from training.dataset import (
     NORMAL,
     Row,
@@ -287,8 +295,13 @@ class Phase1:
 
         self.source_weight = {s.name: s.weight for s in cfg.sources}
 
-    def train_set(self, exclude: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keep = [j for j, i in enumerate(self.train_idx) if self.rows[i].patient_id != exclude]
+    def train_set(
+        self, exclude: str | None = None, exclude_by: tuple[Any, str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training features/labels/weights without patient ``exclude`` or, with ``exclude_by``
+        ``(key, value)``, without the rows whose ``key(row) == value``."""
+        key, value = exclude_by or ((lambda r: r.patient_id), exclude)
+        keep = [j for j, i in enumerate(self.train_idx) if key(self.rows[i]) != value]
         idx = [self.train_idx[j] for j in keep]
         x = np.concatenate([self.base[idx]] + [f[keep] for f in self.aug_feats])
         y = np.tile(self.labels[idx], 1 + len(self.aug_feats))
@@ -307,10 +320,12 @@ class Phase1:
         exclude: str | None,
         log_dir: Path | None,
         extra: Sequence[keras.callbacks.Callback] = (),
+        exclude_by: tuple[Any, str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Train the head without patient ``exclude``; returns the folded (kernel, bias)."""
+        """Train the head without patient ``exclude`` (or the ``exclude_by`` group); returns the
+        folded (kernel, bias)."""
         keras.utils.set_random_seed(self.cfg.seed)
-        x, y, w = self.train_set(exclude)
+        x, y, w = self.train_set(exclude, exclude_by)
         mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-3
         val = self.val_set()
         if val is not None:
@@ -319,15 +334,22 @@ class Phase1:
         fit(head, ((x - mu) / sd, y, w), val, self.cfg.head, log_dir, extra)
         return fold_standardisation(head, mu, sd)
 
-    def lopo_scores(self, positive_index: int) -> dict[int, float]:
-        """Row index -> positive score from a head trained without that row's patient."""
+    def held_out_scores(self, positive_index: int, by: str) -> dict[int, float]:
+        """Row index -> positive score from a head trained without that row's group.
+
+        ``by="patient"``: leave one patient out.  ``by="site"``: leave the whole source out (each
+        ``lopo`` source is one site's cohort), which is what a new hospital looks like to the
+        model; with sites whose patients are mostly one class, leaving out one patient teaches
+        the site's look as the other class and biases the patient-level scores low.
+        """
         lopo_sources = {s.name for s in self.cfg.sources if s.lopo}
-        patients = sorted({r.patient_id for r in self.rows if r.source in lopo_sources})
+        key = (lambda r: r.source) if by == "site" else (lambda r: r.patient_id)
+        groups = sorted({key(r) for r in self.rows if r.source in lopo_sources})
         scores: dict[int, float] = {}
-        for n, pid in enumerate(patients, 1):
-            logger.info("leave-one-patient-out %d/%d: %s", n, len(patients), pid)
-            kernel, bias = self.fit_head(pid, None)
-            idx = [i for i, r in enumerate(self.rows) if r.patient_id == pid]
+        for n, group in enumerate(groups, 1):
+            logger.info("held out by %s %d/%d: %s", by, n, len(groups), group)
+            kernel, bias = self.fit_head(None, None, exclude_by=(key, group))
+            idx = [i for i, r in enumerate(self.rows) if key(r) == group]
             probs = head_predict(self.base[idx], kernel, bias)
             scores.update({i: float(p) for i, p in zip(idx, probs[:, positive_index], strict=True)})
         return scores
@@ -416,11 +438,14 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
     with np.load(head_weights) as saved:
         model.get_layer("classifier").set_weights([saved["kernel"], saved["bias"]])
 
-    lopo_path = work / "lopo_scores.json"
-    if any(s.lopo for s in cfg.sources) and not lopo_path.is_file():
-        lopo = phase1.lopo_scores(positive_index)
-        lopo_path.write_text(json.dumps({rows[i].path: s for i, s in lopo.items()}))
-    lopo_by_path = json.loads(lopo_path.read_text()) if lopo_path.is_file() else {}
+    held_out: dict[str, dict[str, float]] = {}
+    if any(s.lopo for s in cfg.sources):
+        for by in HOLDOUTS:
+            path = work / f"held_out_{by}.json"
+            if not path.is_file():
+                scores = phase1.held_out_scores(positive_index, by)
+                path.write_text(json.dumps({rows[i].path: s for i, s in scores.items()}))
+            held_out[by] = json.loads(path.read_text())
 
     if cfg.finetune.epochs > 0:
         ft_weights = work / "finetuned.weights.h5"
@@ -442,7 +467,7 @@ def run(cfg: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = 
             state["finetune_done"] = True
             state_path.write_text(json.dumps(state))
         model.load_weights(ft_weights)
-    return export(cfg, model, rows, cache, phase1.usable, lopo_by_path, work)
+    return export(cfg, model, rows, cache, phase1.usable, held_out, work)
 
 
 def main(argv: list[str] | None = None) -> int:
