@@ -224,3 +224,17 @@ def test_held_out_by_site_never_trains_on_the_scored_site() -> None:
     assert len(seen) == 4
     assert all("siteA|siteA:1" in s for s in seen[:1])  # patient siteA:0 out, its site-mate in
     assert all("siteA|siteA:0" not in s for s in seen[:1])
+
+
+def test_fine_tuned_model_file_has_no_optimizer_state(tmp_path: Path) -> None:
+    """The exported model holds weights only: a fine-tuned model's Adam slots would double it."""
+    import zipfile
+
+    model_dir = run(tiny_config(tmp_path))
+    with zipfile.ZipFile(model_dir / "model.keras") as z:
+        import io
+
+        import h5py
+
+        with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+            assert "optimizer" not in f, "optimizer state saved with the model"

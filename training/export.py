@@ -296,7 +296,9 @@ def export(
 ) -> Path:
     out_dir = cfg.resolved(cfg.output_root) / cfg.name / cfg.version
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean = keras.models.clone_model(model)  # uncompiled: no optimizer state in the file
+    # Rebuilt from its config, uncompiled: no optimizer state in the file.  (``clone_model``
+    # carries a fine-tuned model's compiled optimizer over, which more than doubled the file.)
+    clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
     clean.save(out_dir / MODEL_FILE)
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 1e6
