@@ -137,3 +137,28 @@ def test_auc_interval_is_patient_clustered() -> None:
     lo, hi = auc_ci95(y, s, pids, n_boot=500)
     assert lo < 0.6 < hi  # slice-level resampling would claim a tight interval near 0.7
     assert auc_ci95(y[:100], s[:100], pids[:100]) is None  # one class present: no interval
+
+
+def test_subgroup_auc_separates_severities() -> None:
+    """Each subgroup's positives against all negatives: a model that only finds severe disease
+    scores high on the severe subgroup and near chance on the mild one."""
+    from training.evaluate import subgroup_auc
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.15, 0.35, 0.9, 0.95])
+    groups = ["CT-0"] * 4 + ["CT-1", "CT-1", "CT-3", "CT-3"]
+    out = subgroup_auc(y, s, groups)
+    assert sorted(out) == ["CT-1", "CT-3"]  # negatives' own group is not a positive subgroup
+    assert out["CT-3"]["roc_auc_vs_negatives"] == 1.0
+    assert out["CT-1"]["roc_auc_vs_negatives"] == 0.5
+    assert out["CT-1"]["n_positive"] == 2 and out["CT-1"]["n_negative"] == 4
+
+
+def test_csv_subgroup_column_is_read_and_must_exist(tmp_path: Path) -> None:
+    from training.dataset import read_csv_manifest
+
+    (tmp_path / "m.csv").write_text("path,label,sev\na.jpg,COVID,CT-2\nb.jpg,Normal,CT-0\n")
+    rows = read_csv_manifest(tmp_path / "m.csv", "src", "sev")
+    assert [r.subgroup for r in rows] == ["CT-2", "CT-0"]
+    with pytest.raises(ValueError, match="missing column.*severity"):
+        read_csv_manifest(tmp_path / "m.csv", "src", "severity")

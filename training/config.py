@@ -40,6 +40,11 @@ class SourceConfig(_Strict):
     label: str | None = None  # dicom: label of every series
     split: Literal["official", "carve", "train", "test"] = "carve"
     lopo: bool = False
+    subgroup_column: str | None = Field(
+        None,
+        description="csv: a column (e.g. mosmed_category) whose values get their own held-out "
+        "ROC AUC (that subgroup's positives vs all negatives)",
+    )
     weight: float = Field(1.0, gt=0, description="per-slice loss weight multiplier")
     rendered_window: WindowSpec | None = Field(
         None,

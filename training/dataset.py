@@ -66,6 +66,7 @@ class Row:
     official_split: str | None = None
     series_uid: str | None = None
     split: str | None = None
+    subgroup: str | None = None  # e.g. MosMed severity CT-0..CT-4, for per-subgroup metrics
 
 
 def canonical_label(raw: str) -> str:
@@ -112,11 +113,14 @@ def _kind_of(path: Path) -> str:
     return "image" if path.suffix.lower() in IMAGE_SUFFIXES else "dicom"
 
 
-def read_csv_manifest(csv_path: Path, source: str | None = None) -> list[Row]:
+def read_csv_manifest(
+    csv_path: Path, source: str | None = None, subgroup_column: str | None = None
+) -> list[Row]:
     """A CSV with ``path,label[,patient_id][,official_split][,slice_infection_label][,z]``.
 
     Paths are relative to the CSV.  A path naming a folder stands for every DICOM file in it (a
     series labelled as a whole).  Without ``patient_id`` each file is its own patient.
+    ``subgroup_column`` names a column (e.g. ``mosmed_category``) kept as ``Row.subgroup``.
     """
     csv_path = Path(csv_path)
     src = source or csv_path.parent.name
@@ -124,6 +128,8 @@ def read_csv_manifest(csv_path: Path, source: str | None = None) -> list[Row]:
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"path", "label"} - set(reader.fieldnames or [])
+        if subgroup_column and subgroup_column not in (reader.fieldnames or []):
+            missing.add(subgroup_column)
         if missing:
             raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
         for line in reader:
@@ -146,6 +152,7 @@ def read_csv_manifest(csv_path: Path, source: str | None = None) -> list[Row]:
                     z=float(z) if z not in (None, "") else None,
                     official_split=line.get("official_split") or None,
                     series_uid=line.get("SeriesInstanceUID") or None,
+                    subgroup=(line[subgroup_column] or None) if subgroup_column else None,
                 )
             )
     return rows
@@ -270,6 +277,7 @@ def read_manifest(csv_path: Path) -> list[Row]:
                     official_split=line.get("official_split") or None,
                     series_uid=line.get("series_uid") or None,
                     split=line.get("split") or None,
+                    subgroup=line.get("subgroup") or None,
                 )
             )
     return rows

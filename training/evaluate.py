@@ -132,6 +132,25 @@ def classification_metrics(
     return out
 
 
+def subgroup_auc(
+    is_pos: np.ndarray, pos: np.ndarray, subgroups: Sequence[str | None]
+) -> dict[str, dict[str, Any]]:
+    """For each subgroup of the positives (e.g. severity CT-1..CT-4): ROC AUC of its positives
+    against all negatives, with counts; shows whether the model tracks how much disease shows."""
+    negatives = is_pos == 0
+    groups = sorted({g for g, p in zip(subgroups, is_pos, strict=True) if p and g})
+    out = {}
+    for g in groups:
+        mine = np.array([s == g for s in subgroups]) & (is_pos == 1)
+        keep = mine | negatives
+        out[g] = {
+            "n_positive": int(mine.sum()),
+            "n_negative": int(negatives.sum()),
+            "roc_auc_vs_negatives": _auc(mine[keep].astype(int), pos[keep]),
+        }
+    return out
+
+
 def per_patient(
     y_true: np.ndarray,
     pos: np.ndarray,

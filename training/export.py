@@ -30,6 +30,7 @@ from training.evaluate import (
     plot_confusion,
     plot_roc,
     plot_training_curves,
+    subgroup_auc,
 )
 from training.features import NativeCache
 from training.model_card import notice_for, write_model_card
@@ -184,6 +185,12 @@ def evaluate_all(
                 thr,
                 [rows[i].patient_id for i in test],
             )
+            if any(rows[i].subgroup for i in test):
+                m["by_subgroup"] = subgroup_auc(
+                    (labels[test] == pos_idx).astype(int),
+                    probs[test, pos_idx],
+                    [rows[i].subgroup for i in test],
+                )
             entry["held_out_test"] = m
             curves[f"{src.name} test"] = (
                 (labels[test] == pos_idx).astype(int),

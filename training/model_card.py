@@ -65,6 +65,11 @@ def _source_lines(report: dict[str, Any]) -> list[str]:
                 f"{_f(m['roc_auc'])} ({_ci(m.get('roc_auc_ci95'))}) | {_f(m['sensitivity'])} | "
                 f"{_f(m['specificity'])} |"
             )
+        for group, g in entry.get("held_out_test", {}).get("by_subgroup", {}).items():
+            lines.append(
+                f"| {name} | test patients, {group} positives vs all negatives | "
+                f"{g['n_positive']} + {g['n_negative']} | | {_f(g['roc_auc_vs_negatives'])} | | |"
+            )
         for by, m in entry.get("held_out_usable_slices", {}).items():
             lines.append(
                 f"| {name} | {PROTOCOL_NAMES.get(by, by)}, lung slices | {m['n']} | "

@@ -67,7 +67,7 @@ def read_source(src: SourceConfig) -> list[Row]:
     if not path.exists():
         raise FileNotFoundError(f"source {src.name}: {path} does not exist")
     if src.kind == "csv":
-        rows = read_csv_manifest(path, src.name)
+        rows = read_csv_manifest(path, src.name, src.subgroup_column)
     elif src.kind == "folders":
         rows = read_image_folders(path, src.name)
     elif src.kind == "covidx":
