@@ -126,7 +126,9 @@ class Peer(_Strict):
     retrieve: Literal["get", "move", "none"] = Field(
         "get", description="how to pull studies from this peer: C-GET, C-MOVE to our AE, or never"
     )
-    tls: PeerTLS | None = Field(None, description="send results to this peer over DICOM TLS")
+    tls: PeerTLS | None = Field(
+        None, description="talk to this peer over DICOM TLS: SR delivery, C-FIND, C-GET, C-MOVE"
+    )
 
 
 class RetrySettings(_Strict):

@@ -29,7 +29,7 @@ from node.config import Peer, Settings
 from node.db import Series, SeriesState
 from node.errors import NodeError
 from node.receive import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, handle_store
-from node.send import set_nodelay
+from node.send import client_ssl_context, set_nodelay
 from node.series_complete import selection_failure
 from node.spool import Spool
 
@@ -74,8 +74,12 @@ def _check_established(assoc: Association, peer: Peer) -> None:
 
 
 def _associate(ae: AE, peer: Peer, **kwargs: Any) -> Association:
+    """Associate with ``peer``, over DICOM TLS when ``peers[].tls`` is set (as delivery does)."""
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
+        tls_args = None if peer.tls is None else (client_ssl_context(peer.tls), peer.host)
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args, **kwargs
+        )
     except Exception as exc:  # socket errors surface in several types
         raise PullFailed(f"cannot connect to {peer.name} ({peer.host}:{peer.port}): {exc}") from exc
     _check_established(assoc, peer)

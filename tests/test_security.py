@@ -379,6 +379,43 @@ def test_tls_delivery_refuses_a_pacs_with_an_untrusted_certificate(tmp_path: Pat
         pacs.kill()
 
 
+def test_pull_from_a_tls_only_pacs(tmp_path: Path, orthanc_factory: Callable[..., Orthanc]) -> None:
+    """C-FIND + C-GET honour ``peers[].tls``: the pull from a TLS-only Orthanc succeeds with the
+    peer's TLS settings, and fails cleanly (PullFailed, nothing recorded) without them."""
+    from node.config import Settings
+    from node.pull import PullFailed, pull_study
+
+    require_shared_data(TCIA_SIEMENS_B40F)
+    pki = make_pki(tmp_path / "pki")
+    node_port = free_port()  # Orthanc knows the node as TRIAGE at this port
+    pacs = tls_orthanc(orthanc_factory, pki, node_port)
+    files = series_files(TCIA_SIEMENS_B40F)
+    for f in files:  # loaded over HTTP: the DICOM port speaks TLS only
+        pacs.post("/instances", f.read_bytes())
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+    def settings(root: Path, tls: dict[str, str] | None) -> Settings:
+        peer = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
+                "port": pacs.dicom_port, "retrieve": "get", "tls": tls}  # fmt: skip
+        raw = {
+            "node": {"ae_title": "TRIAGE", "port": node_port, "network_timeout_s": 30},
+            "peers": [peer],
+            "results": {"send_to": "pacs"},
+            "storage": {"spool_dir": "spool", "database_url": "sqlite:///node.sqlite3"},
+        }
+        return Settings.model_validate(raw).resolve(root)
+
+    plain = settings(tmp_path / "plain", None)
+    with pytest.raises(PullFailed):
+        pull_study(plain, study_uid=study_uid)
+    assert not list((tmp_path / "plain" / "spool").rglob("*.dcm"))
+    tls = {"ca_file": str(pki["ca"]), "cert_file": str(pki["client"]),
+           "key_file": str(pki["client.key"])}  # fmt: skip
+    secure = settings(tmp_path / "tls", tls)
+    assert pull_study(secure, study_uid=study_uid) == len(files)
+    assert len(list((tmp_path / "tls" / "spool").rglob("*.dcm"))) == len(files)
+
+
 # --------------------------------------------------------------------------------------------------
 # No patient data in what the node writes; owner-only files
 
