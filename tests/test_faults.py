@@ -331,13 +331,14 @@ def test_database_locked_by_another_process(
 
 
 @pytest.fixture
-def tmpfs_spool(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """``tmpfs_spool("3m")`` mounts a tmpfs of that size as the test node's spool (root only;
-    skipped elsewhere with the reason, failed under CI=true as root); unmounted at teardown."""
+def tmpfs_at(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """``tmpfs_at("spool", "3m")`` mounts a tmpfs of that size at the test node's ``spool`` (or
+    any folder under its workdir; root only: skipped elsewhere with the reason, failed under
+    CI=true as root); unmounted at teardown."""
     mounted: list[Path] = []
 
-    def mount(size: str) -> Path:
-        mnt = tmp_path / "node" / "spool"
+    def mount(folder: str, size: str) -> Path:
+        mnt = tmp_path / "node" / folder
         mnt.mkdir(parents=True)
         proc = subprocess.run(
             [
@@ -363,6 +364,12 @@ def tmpfs_spool(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tmpfs_spool(tmpfs_at: Callable[[str, str], Path]) -> Callable[[str], Path]:
+    """``tmpfs_spool("3m")``: a tmpfs of that size as the test node's spool."""
+    return lambda size: tmpfs_at("spool", size)
 
 
 @pytest.fixture
@@ -396,6 +403,59 @@ def test_spool_disk_full_answers_out_of_resources_then_recovers(
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 120, interval=0.5, what="job done")
     assert [(r[1], r[2]) for r in series_rows(rig.db)] == [("complete", len(files))]
     assert "spool write failed" in rig.node.log_text()
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its file system is full; returns the file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_database_disk_full_answers_out_of_resources_then_recovers(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    rigs: list[Rig],
+    tmpfs_at: Callable[[str, str], Path],
+) -> None:
+    """The disk holding the SQLite database fills up: the node refuses what it cannot record
+    (Out of Resources), keeps no unrecorded file in the spool, keeps answering, and stores
+    everything once space returns."""
+    require_shared_data(TCIA_PHILIPS)
+    files = series_files(TCIA_PHILIPS)
+    dbfs = tmpfs_at("dbfs", "2m")
+    storage = {"spool_dir": "spool", "database_url": "sqlite:///dbfs/node.sqlite3"}
+    rig = make_rig(tmp_path, tiny_model_dir, None, quiet_s=1.0, extra={"storage": storage})
+    rigs.append(rig)
+    db = dbfs / "node.sqlite3"
+    rig.node.start()
+    first = send_files(rig.port, files[:3])
+    assert first.succeeded == set(first.statuses) and len(first.succeeded) == 3
+    filler = fill(dbfs)
+    try:
+        refused = send_files(rig.port, files[3:])
+        statuses = list(refused.statuses.values())
+        assert OUT_OF_RESOURCES in statuses and set(statuses) <= {0, OUT_OF_RESOURCES}, statuses
+        assert rig.node.echo(), "node stopped answering while its database disk was full"
+        time.sleep(1.5)  # scheduler ticks meet the full disk too
+    finally:
+        filler.unlink()
+    stored = first.succeeded | refused.succeeded
+    assert spooled_sops(rig.spool) == recorded_sops(db) == stored
+    assert leftovers(rig.spool) == []
+    again = send_files(rig.port, files)
+    assert again.succeeded == set(again.statuses)
+    wait_for(lambda: [j[3] for j in jobs(db)] == ["done"], 120, interval=0.5, what="job done")
+    assert [(r[1], r[2]) for r in series_rows(db)] == [("complete", len(files))]
+    assert rig.node.proc is not None and rig.node.proc.poll() is None
+    log = rig.node.log_text()
+    assert "database write failed" in log and "full" in log
 
 
 def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
