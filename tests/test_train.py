@@ -238,3 +238,20 @@ def test_fine_tuned_model_file_has_no_optimizer_state(tmp_path: Path) -> None:
 
         with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
             assert "optimizer" not in f, "optimizer state saved with the model"
+
+
+def test_site_experiment_refuses_a_config_that_trains_on_the_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A site experiment is only honest if the site is absent from training."""
+    import yaml
+
+    from training.site_experiment import main
+
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(path), "--site", str(tmp_path / "folders")])
+    assert exc.value.code == 2
+    assert "leave the site out" in capsys.readouterr().err
