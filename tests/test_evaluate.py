@@ -160,5 +160,5 @@ def test_csv_subgroup_column_is_read_and_must_exist(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path,label,sev\na.jpg,COVID,CT-2\nb.jpg,Normal,CT-0\n")
     rows = read_csv_manifest(tmp_path / "m.csv", "src", "sev")
     assert [r.subgroup for r in rows] == ["CT-2", "CT-0"]
-    with pytest.raises(ValueError, match="missing column.*severity"):
+    with pytest.raises(ValueError, match=r"missing column.*severity"):
         read_csv_manifest(tmp_path / "m.csv", "src", "severity")

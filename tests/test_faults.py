@@ -406,15 +406,18 @@ def test_spool_disk_full_answers_out_of_resources_then_recovers(
 
 
 def fill(folder: Path) -> Path:
-    """Write a file into ``folder`` until its file system is full; returns the file."""
-    filler = folder / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-                fh.flush()
-        except OSError:
-            pass
+    """Fill the file system of ``folder`` to the last byte with one file; returns it."""
+    filler = folder / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for block in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -493,22 +496,6 @@ def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="delivered")
     assert rig.node.cli("retry", job_id, check=False).returncode != 0  # only failed jobs retry
     assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to the last byte with one file; returns it."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for block in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * block)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_spool_full_when_the_sr_is_written_retries_until_space_returns(
