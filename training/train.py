@@ -255,27 +255,13 @@ class Phase1:
         usable = usable_for_training(rows, cache.lung, cfg)
         self.usable = usable
         self.all_idx = list(range(len(rows)))
-        self.base = rendering_features(
-            emb,
-            cache,
-            self.all_idx,
-            0,
-            cfg.input_size,
-            window,
-            aug,
-            cfg.seed,
-            work / "features",
-            cfg.crop,
-            cfg.normalise,
-        )
-        self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
-        self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
-        self.aug_feats = [
-            rendering_features(
+
+        def features(idx: list[int], rendering: int) -> np.ndarray:
+            return rendering_features(
                 emb,
                 cache,
-                self.train_idx,
-                r,
+                idx,
+                rendering,
                 cfg.input_size,
                 window,
                 aug,
@@ -284,8 +270,11 @@ class Phase1:
                 cfg.crop,
                 cfg.normalise,
             )
-            for r in range(1, cfg.head.renderings + 1)
-        ]
+
+        self.base = features(self.all_idx, 0)
+        self.train_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "train"]
+        self.val_idx = [i for i in self.all_idx if usable[i] and rows[i].split == "val"]
+        self.aug_feats = [features(self.train_idx, r) for r in range(1, cfg.head.renderings + 1)]
         self.labels = np.array(
             [
                 class_index(r.label, cfg.classes) if u else -1
