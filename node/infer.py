@@ -99,16 +99,21 @@ def load_model(
     return LoadedModel(spec, model, model_dir, runner)
 
 
-def _prepare(spec: ModelSpec, refs: list[SliceRef]) -> tuple[list[SliceRef], list[np.ndarray]]:
-    """Read ``refs``, keep the slices with enough lung, and preprocess them as training did."""
+def _prepare(
+    spec: ModelSpec, refs: list[SliceRef], volume: np.ndarray | None = None
+) -> tuple[list[SliceRef], list[np.ndarray]]:
+    """Read ``refs`` (or take their HU from ``volume``), keep the slices with enough lung, and
+    preprocess them as training did."""
     selected: list[SliceRef] = []
     inputs: list[np.ndarray] = []
-    for ref in refs:
-        ds = preprocess.read_dicom(ref.path)
-        try:
-            hu = preprocess.hounsfield(ds)
-        except Exception as exc:
-            raise SeriesRejected(f"slice {ref.sop_instance_uid}: {exc}") from exc
+    for i, ref in enumerate(refs):
+        if volume is not None:
+            hu = volume[i]
+        else:
+            try:
+                hu = preprocess.hounsfield(preprocess.read_dicom(ref.path))
+            except Exception as exc:
+                raise SeriesRejected(f"slice {ref.sop_instance_uid}: {exc}") from exc
         if preprocess.lung_fraction(hu) < spec.selection.min_lung_fraction:
             continue
         selected.append(ref)
@@ -117,17 +122,22 @@ def _prepare(spec: ModelSpec, refs: list[SliceRef]) -> tuple[list[SliceRef], lis
 
 
 def score_slices(
-    model: LoadedModel, slices: list[SliceRef], batch_size: int
+    model: LoadedModel,
+    slices: list[SliceRef],
+    batch_size: int,
+    volume: np.ndarray | None = None,
 ) -> tuple[list[SliceScore], int]:
     """Select slices with lung, preprocess them as training did, and classify them in batches.
 
     One after the other: overlapping preprocessing with inference in a second thread was
     measured no faster on 2 cores, where LiteRT already keeps both busy (``python -m bench
     inference``, ``score_slices_overlap``).
+    ``volume`` holds the slices in HU when the caller has read them already (the pipeline
+    reads a series once for segmentation and the CNN).
     Returns the scores of the selected slices (body-axis order) and the number of slices read.
     """
     spec = model.spec
-    selected, inputs = _prepare(spec, slices)
+    selected, inputs = _prepare(spec, slices, volume)
     if len(selected) < spec.selection.min_slices:
         raise SeriesRejected(
             f"only {len(selected)} of {len(slices)} slices contain enough lung "

@@ -56,6 +56,35 @@ class SeriesRule(BaseModel):
     justification: str = ""
 
 
+class AnalysisSpec(BaseModel):
+    """The Hounsfield analysis (``node.lungs``, ``node.opacity``, ``node.assess``) of a model.
+
+    Few parameters: ``po_threshold`` is fitted by ``training.analysis`` with whole sites held
+    out; the others are the RSNA pattern's reading in numbers, set a priori (their
+    ``justification`` says why) and not tuned on the shared series.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: str = "1"
+    po_threshold: float = Field(0.5, gt=0, le=100, description="PO (%) that counts as opacity")
+    bilateral_fraction: float = Field(
+        0.5, ge=0, le=1, description="each lung needs this share of po_threshold to be involved"
+    )
+    peripheral_ratio: float = Field(1.5, gt=0, description="peripheral/central PO for 'typical'")
+    ground_glass_share: float = Field(
+        0.5, ge=0, le=1, description="below this share of ground glass, consolidation dominates"
+    )
+    solitary_focality: float = Field(
+        0.8, ge=0, le=1, description="one 3-D focus holding this share of opacity is solitary"
+    )
+    cnn_weight: float = Field(0.0, ge=0, description="CNN series score's weight, in PO points")
+    min_extent_mm: float = Field(
+        100.0, ge=0, description="lung covered along z below which the SR says 'partial'"
+    )
+    justification: str = ""
+    evaluation: dict[str, object] = Field(default_factory=dict)
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
 
@@ -80,6 +109,7 @@ class ModelSpec(BaseModel):
     notice: str = Field(
         "", description="written into every SR this model makes (e.g. its measured limits)"
     )
+    analysis: AnalysisSpec = AnalysisSpec()
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ModelSpec:

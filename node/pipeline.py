@@ -19,16 +19,17 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node import jobs, metrics
+from node import jobs, lungs, metrics, opacity
+from node.assess import assess
 from node.config import Settings
 from node.db import Instance, Job, JobStage, JobState
 from node.errors import InferenceFailed, NodeError, SendFailed, SeriesRejected
 from node.infer import LoadedModel, reduce_scores, score_slices
 from node.report import PredecessorRef, build_report, write_report
 from node.send import store_files
-from node.series_check import order_and_check, read_headers
+from node.series_check import SliceRef, order_and_check, read_headers
 from node.spool import Spool
-from node.verdict import SeriesVerdict
+from node.verdict import SeriesVerdict, SliceScore
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,15 @@ def analyse_files(
             require_axial=settings.analysis.require_axial,
             max_gap_factor=settings.analysis.max_gap_factor,
         )
-        scores, _ = score_slices(model, slices, settings.analysis.batch_size)
+        volume, geometry, padding = lungs.read_volume(slices)
+        masks = lungs.segment(volume, geometry, padding_hu=padding)
+        quantification = opacity.quantify(masks)
+        scores, _ = score_slices(model, slices, settings.analysis.batch_size, volume=volume)
         reduction = reduce_scores(model.spec, scores)
     except (SeriesRejected, InferenceFailed) as exc:
         return SeriesVerdict(analysed=False, reason=str(exc), **base), evidence
+    del volume
+    spec = model.spec.analysis
     verdict = SeriesVerdict(
         analysed=True,
         finding=reduction.finding,
@@ -79,9 +85,61 @@ def analyse_files(
         rule=reduction.rule,
         slices_analysed=len(scores),
         top_slices=reduction.top_slices,
+        quantification=quantification,
+        assessment=assess(quantification, spec, reduction.series_score),
+        analysis_version=analysis_version(model),
+        key_slices=key_slices(slices, quantification),
+        coverage=coverage_caveats(quantification, geometry, spec.min_extent_mm),
         **base,
     )
     return verdict, evidence
+
+
+def analysis_version(model: LoadedModel) -> str:
+    """Versions of every stage that made the verdict: part of every SR and the database row."""
+    return (
+        f"lungs {lungs.SEGMENTATION_VERSION}, opacity {opacity.QUANTIFICATION_VERSION}, "
+        f"assessment {model.spec.analysis.version}"
+    )
+
+
+KEY_SLICES = 3
+SPARSE_SPACING_MM = 5.0
+
+
+def key_slices(slices: list[SliceRef], q: opacity.Quantification) -> tuple[SliceScore, ...]:
+    """The slices with the most opacity (PO of the slice, %), at most ``KEY_SLICES``."""
+    order = sorted(range(len(slices)), key=lambda i: q.slice_po[i], reverse=True)
+    return tuple(
+        SliceScore(
+            sop_instance_uid=slices[i].sop_instance_uid,
+            sop_class_uid=slices[i].sop_class_uid,
+            z=slices[i].z,
+            probabilities=(),
+            positive_score=q.slice_po[i],
+        )
+        for i in order[:KEY_SLICES]
+        if q.slice_po[i] > 0
+    )
+
+
+def coverage_caveats(
+    q: opacity.Quantification, geometry: lungs.Geometry, min_extent_mm: float
+) -> tuple[str, ...]:
+    """What the series does not cover well enough for a whole-chest reading, in words."""
+    caveats = []
+    if q.extent_mm < min_extent_mm:
+        caveats.append(
+            f"partial coverage: lungs seen over {q.extent_mm:.0f} mm along the body axis "
+            f"(a whole chest is about 250 mm; under {min_extent_mm:.0f} mm the figures describe "
+            "this slab only)"
+        )
+    if geometry.spacing[0] > SPARSE_SPACING_MM:
+        caveats.append(
+            f"sparse slices every {geometry.spacing[0]:.1f} mm: small opacities between "
+            "slices are missed and partial volume raises PO"
+        )
+    return tuple(caveats)
 
 
 def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
@@ -135,7 +193,7 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
         ctx.sessions,
         job.job_id,
         analysed=int(verdict.analysed),
-        finding=verdict.finding or "not analysed",
+        finding=verdict.category,
         series_score=verdict.series_score,
         verdict_json=json.dumps(verdict.as_json()),
         model_name=ctx.model.spec.name,
@@ -150,8 +208,10 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
         job.job_id,
         job.series_instance_uid,
         job.series_version,
-        verdict.finding if verdict.analysed else "not analysed",
-        f"score {verdict.series_score:.3f}" if verdict.analysed else verdict.reason,
+        verdict.category,
+        f"PO {verdict.quantification.total.po:.2f}%, CNN score {verdict.series_score:.3f}"
+        if verdict.analysed and verdict.quantification and verdict.series_score is not None
+        else verdict.reason,
         elapsed,
         verdict.slices_analysed,
         verdict.slices_total,

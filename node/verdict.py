@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from node.assess import Assessment
+from node.opacity import Quantification
+
 
 @dataclass(frozen=True)
 class SliceScore:
@@ -46,6 +49,19 @@ class SeriesVerdict:
     slices_analysed: int = 0
     top_slices: tuple[SliceScore, ...] = field(default_factory=tuple)
     reason: str = ""
+    # the Hounsfield analysis (node.lungs -> node.opacity -> node.assess); None if not analysed
+    quantification: Quantification | None = None
+    assessment: Assessment | None = None
+    analysis_version: str = ""
+    key_slices: tuple[SliceScore, ...] = field(default_factory=tuple)  # most opacity first
+    coverage: tuple[str, ...] = ()  # caveats about what the series covers
+
+    @property
+    def category(self) -> str:
+        """The triage category (``node.assess``), or "not analysed"."""
+        if not self.analysed or self.assessment is None:
+            return "not analysed"
+        return self.assessment.category
 
     def as_json(self) -> dict[str, object]:
         """Plain dict for ``classify`` output, the database and logs (no patient data in here)."""
@@ -69,4 +85,13 @@ class SeriesVerdict:
             ],
             "reason": self.reason,
             "model": {"name": self.algorithm.name, "version": self.algorithm.version},
+            "category": self.category,
+            "assessment": self.assessment.as_json() if self.assessment else None,
+            "quantification": self.quantification.as_json() if self.quantification else None,
+            "analysis_version": self.analysis_version,
+            "key_slices": [
+                {"sop_instance_uid": s.sop_instance_uid, "z": s.z, "po": s.positive_score}
+                for s in self.key_slices
+            ],
+            "coverage": list(self.coverage),
         }
