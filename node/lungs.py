@@ -7,8 +7,8 @@ on scanners nobody trained on.  The steps, each on a working grid of about 1.25 
 1. **Padding outside the scan circle** becomes air: values below -1024 HU are already clipped by
    ``preprocess.hounsfield``; a *constant* border-connected value (``PixelPaddingValue``, or an
    export that pads with 0 or any other number) is found by equality and set to air.
-2. **Body**: the largest 3-D component of soft tissue and bone (> ``BODY_HU``); table, cushions
-   and arms that do not touch it fall away.
+2. **Body**: per slice, the largest component of soft tissue and bone (> ``BODY_HU``); table,
+   cushions and arms that do not touch it fall away.
 3. **Air inside the body**: per slice, the components of "not body" that do not touch the image
    border (holes of the body).  Outside air, the table's hollow shell and air under the patient
    touch the border or lie outside the body component.
@@ -86,6 +86,11 @@ class Geometry:
     left_step: int = 1
     posterior_step: int = 1
     superior_step: int = 1  # +1 when the slice index grows toward the head
+    thickness_mm: float = 0.0  # reconstructed slice thickness (0: unknown, spacing is used)
+
+    @property
+    def thickness(self) -> float:
+        return self.thickness_mm if self.thickness_mm > 0 else self.spacing[0]
 
     @classmethod
     def from_orientation(
@@ -143,6 +148,8 @@ def read_volume(slices: list[SliceRef]) -> tuple[np.ndarray, Geometry, float | N
         dz = float(first.get("SliceThickness", 1.0) or 1.0)
     orientation = [float(v) for v in first.ImageOrientationPatient]
     geometry = Geometry.from_orientation((abs(dz), pixel[0], pixel[1]), orientation)
+    thickness = float(first.get("SliceThickness", 0) or 0)
+    geometry = dataclasses.replace(geometry, thickness_mm=thickness if thickness > 0 else 0.0)
     padding = None
     if "PixelPaddingValue" in first:
         slope = float(first.get("RescaleSlope", 1.0) or 1.0)
@@ -163,8 +170,12 @@ def downsample(hu: np.ndarray, factor: int) -> np.ndarray:
         return hu.astype(np.float32, copy=False)
     z, y, x = hu.shape
     y2, x2 = y - y % factor, x - x % factor
-    blocks = hu[:, :y2, :x2].reshape(z, y2 // factor, factor, x2 // factor, factor)
-    return blocks.mean(axis=(2, 4), dtype=np.float32)
+    out = np.zeros((z, y2 // factor, x2 // factor), dtype=np.float32)
+    for i in range(factor):  # strided sums: ~10x faster than a reshaped mean over two axes
+        for j in range(factor):
+            out += hu[:, i:y2:factor, j:x2:factor]
+    out *= np.float32(1.0 / (factor * factor))
+    return out
 
 
 def replace_padding(hu: np.ndarray, padding_hu: float | None = None) -> np.ndarray:
@@ -185,12 +196,43 @@ def replace_padding(hu: np.ndarray, padding_hu: float | None = None) -> np.ndarr
         flat = hu == np.float32(value)
         if flat.mean() < 0.01:
             continue
-        labels, _ = ndimage.label(flat, structure=_IN_PLANE)
+        labels, n = ndimage.label(flat, structure=_IN_PLANE)
+        touching = np.zeros(n, dtype=bool)
         outside = np.unique(_border_labels(labels))
-        padding = np.isin(labels, outside[outside > 0])
+        touching[outside[outside > 0] - 1] = True
+        padding = _lookup(touching, labels)
         hu[padding] = AIR_HU
         logger.debug("padding %g HU replaced by air in %d voxels", value, int(padding.sum()))
     return hu
+
+
+def _component_means(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``values`` per label 1..n (``ndimage.mean`` is 10x slower on large volumes)."""
+    inside = labels > 0
+    flat = labels[inside]
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    sums = np.bincount(flat, weights=values[inside], minlength=n + 1)[1:]
+    return sums / np.maximum(counts, 1)
+
+
+def _lookup(keep: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``keep[label - 1]`` per voxel, False for label 0 (a table lookup, not ``np.isin``)."""
+    return np.concatenate([[False], np.asarray(keep, dtype=bool)])[labels]
+
+
+def _holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Per slice: the background regions of ``mask`` that do not reach the image border."""
+    z, h, w = mask.shape
+    out = np.zeros_like(mask)
+    canvas = np.zeros((h + 2, w + 2), np.uint8)
+    flood = np.zeros((h + 4, w + 4), np.uint8)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        canvas[1:-1, 1:-1] = mask[k]
+        flood[:] = 0
+        filled = canvas.copy()
+        cv2.floodFill(filled, flood, (0, 0), 1)  # the border-connected background becomes 1
+        out[k] = filled[1:-1, 1:-1] == 0
+    return out
 
 
 def _border_labels(labels: np.ndarray) -> np.ndarray:
@@ -201,13 +243,15 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
     )
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Per slice, the largest 8-connected component of ``mask`` (the body, not table or arms)."""
+    out = np.zeros_like(mask)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask[k].view(np.uint8), 8)
+        if n > 1:
+            largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            out[k] = labels == largest
+    return out
 
 
 def segment(
@@ -244,9 +288,14 @@ def segment(
     grid = dataclasses.replace(geometry, spacing=(dz, dy * factor, dx * factor))
     replace_padding(work, None if padding_hu is None else padding_hu)
     air = _lung_air(work, grid)
-    left, right = _split(air, work, grid)
-    left = _with_dense_opacities(left, air, work, grid)
-    right = _with_dense_opacities(right, air, work, grid) & ~left
+    # everything after this works inside the lungs' bounding box (a third of the voxels)
+    box = _bounding_box(air, margin=round(CLOSING_MM / grid.spacing[1]) + 2)
+    sub_air, sub_work = air[box], work[box]
+    sub_left, sub_right = _split(sub_air, sub_work, grid)
+    sub_left = _with_dense_opacities(sub_left, sub_air, sub_work, grid)
+    sub_right = _with_dense_opacities(sub_right, sub_air, sub_work, grid) & ~sub_left
+    left, right = np.zeros_like(air), np.zeros_like(air)
+    left[box], right[box] = sub_left, sub_right
     masks = LungMasks(work, left, right, air, grid, factor)
     volume = float(masks.lungs.sum()) * grid.voxel_ml
     if volume < MIN_LUNG_ML:
@@ -256,13 +305,22 @@ def segment(
     return masks
 
 
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """The slices of ``mask``'s bounding box, ``margin`` voxels wider in-plane (whole if empty)."""
+    if not mask.any():
+        return (slice(None), slice(None), slice(None))
+    box = []
+    for axis, pad in ((0, 0), (1, margin), (2, margin)):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(max(0, hit[0] - pad), min(mask.shape[axis], hit[-1] + pad + 1)))
+    return box[0], box[1], box[2]
+
+
 def _lung_air(work: np.ndarray, grid: Geometry) -> np.ndarray:
     """Steps 2-5: aerated lung (air-threshold), trachea and main bronchi removed."""
-    body = _largest_component(work > BODY_HU)
-    labels, _ = ndimage.label(~body, structure=_IN_PLANE)
-    outside = np.unique(_border_labels(labels))
-    holes = (labels > 0) & ~np.isin(labels, outside)
-    holes &= work < BODY_HU  # "not body" inside the largest component may still be dense
+    body = _largest_per_slice(work > BODY_HU)
+    holes = _holes_2d(body) & (work < BODY_HU)  # "not body" inside the largest component may still be dense
     lung = _lung_components(holes, work, grid)
     return lung & ~_airway(lung, work, grid)
 
@@ -271,17 +329,15 @@ def _lung_components(holes: np.ndarray, work: np.ndarray, grid: Geometry) -> np.
     labels, n = ndimage.label(holes)
     if n == 0:
         return holes
-    index = np.arange(1, n + 1)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
-    means = np.asarray(ndimage.mean(work, labels, index))
+    sizes = np.bincount(labels[holes], minlength=n + 1)[1:].astype(float)
+    means = _component_means(work, labels, n)
     lung_like = (means > AIRWAY_MEAN_HU) & (means < LUNG_MAX_MEAN_HU)
     if not lung_like.any():
         return np.zeros_like(holes)
     largest = sizes[lung_like].max()
     keep = lung_like & (sizes >= MIN_SHARE_OF_LARGEST * largest)
     keep &= sizes * grid.voxel_ml >= MIN_LUNG_ML / 4
-    lookup = np.concatenate([[False], keep])
-    return lookup[labels]
+    return _lookup(keep, labels)
 
 
 def _airway(lung: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
@@ -295,12 +351,11 @@ def _airway(lung: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
     labels, n = ndimage.label(lung, structure=_IN_PLANE)
     if n == 0:
         return np.zeros_like(lung)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    pure = np.bincount(labels.ravel(), weights=(work < PURE_AIR_HU).ravel(), minlength=n + 1)[1:]
-    purity = pure / np.maximum(counts, 1)
+    counts = np.bincount(labels[lung], minlength=n + 1)[1:]
+    purity = _component_means((work < PURE_AIR_HU).astype(np.float32), labels, n)
     area = counts * grid.spacing[1] * grid.spacing[2]
     airway = ((area < AIRWAY_MAX_AREA_MM2) & (purity >= AIRWAY_PURITY)) | (purity >= GAS_PURITY)
-    return np.concatenate([[False], airway])[labels]
+    return _lookup(airway, labels)
 
 
 def _split(air: np.ndarray, work: np.ndarray, grid: Geometry) -> tuple[np.ndarray, np.ndarray]:
@@ -333,9 +388,7 @@ def _disc(radius_px: float) -> np.ndarray:
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    labels, _ = ndimage.label(~mask, structure=_IN_PLANE)
-    outside = np.unique(_border_labels(labels))
-    return mask | ((labels > 0) & ~np.isin(labels, outside))
+    return mask | _holes_2d(mask)
 
 
 def _with_dense_opacities(
@@ -376,7 +429,7 @@ def _solid_organ_holes(holes: np.ndarray, side: np.ndarray, work: np.ndarray) ->
     touch[1:] |= tissue[:-1]
     touch[:-1] |= tissue[1:]
     labels, n = ndimage.label(holes)
-    means = np.asarray(ndimage.mean(work, labels, np.arange(1, n + 1)))
+    means = _component_means(work, labels, n)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     touching = np.bincount(labels[touch & holes], minlength=n + 1) >= TOUCH_SHARE * sizes
     solid = np.concatenate([[False], means > SOLID_MEAN_HU]) & touching
@@ -393,15 +446,18 @@ def medial_of(side: np.ndarray, grid: Geometry) -> np.ndarray:
     total = side.sum()
     centre_x = (side.sum(axis=(0, 1)) * columns).sum() / max(total, 1)
     medial_is_high = centre_x < w / 2
+    # rows without aerated lung: between two lung rows, the edge is interpolated; beyond the
+    # lung's first or last row (above an anterior tip, below the posterior recess) no guard
+    no_guard = w if medial_is_high else -1
     if medial_is_high:
-        edge = np.where(any_row, w - 1 - np.argmax(side[:, :, ::-1], axis=2), -1)  # last column
+        edge = np.where(any_row, w - 1 - np.argmax(side[:, :, ::-1], axis=2), no_guard)
     else:
-        edge = np.where(any_row, np.argmax(side, axis=2), w)  # first column
+        edge = np.where(any_row, np.argmax(side, axis=2), no_guard)
     edge = edge.astype(float)
-    for k in range(z):  # rows without aerated lung take the nearest rows' medial edge
+    for k in range(z):
         rows = np.flatnonzero(any_row[k])
         if 0 < len(rows) < h:
-            edge[k] = np.interp(np.arange(h), rows, edge[k, rows])
+            edge[k] = np.interp(np.arange(h), rows, edge[k, rows], left=no_guard, right=no_guard)
     if medial_is_high:
         return columns[np.newaxis, np.newaxis, :] > edge[:, :, np.newaxis]
     return columns[np.newaxis, np.newaxis, :] < edge[:, :, np.newaxis]
