@@ -94,7 +94,9 @@ def assess(q: Quantification, spec: AnalysisSpec, cnn_score: float | None = None
             f"right {side_po[1]:.1f}%), peripheral/central {peripheral:.1f}, "
             f"ground glass {100 * gg:.0f}%, largest focus {100 * q.focality:.0f}%"
         )
-        solitary = q.focality >= spec.solitary_focality
+        # one focus holding most of the opacity in one lung: a mass or a lobar consolidation
+        # (confluent disease in both lungs can also be one 3-D component: not solitary)
+        solitary = q.focality >= spec.solitary_focality and not bilateral
         consolidation = gg < spec.ground_glass_share
         if solitary or (not bilateral and consolidation):
             category = ATYPICAL

@@ -16,8 +16,9 @@ on scanners nobody trained on.  The steps, each on a working grid of about 1.25 
    share of the largest) and lung-like on average (mean between ``AIRWAY_MEAN_HU`` and
    ``LUNG_MAX_MEAN_HU``): bowel gas, the trachea alone and air pockets are dropped.
 5. **Trachea and main bronchi**: per slice, components of the lung air that are small
-   (< ``AIRWAY_MAX_AREA_MM2``) and nearly pure air (mean < ``AIRWAY_MEAN_HU``): airway lumen,
-   not parenchyma (which holds vessels and interstitium, about -850 HU).
+   (< ``AIRWAY_MAX_AREA_MM2``) and either centred on the midline or mostly pure air (airway
+   lumen, not parenchyma, which holds vessels and interstitium, about -850 HU); and gas: any
+   component that is almost all pure air (stomach, bowel, the table's hollow interior).
 6. **Left / right**: per slice, the column of least lung between the two lungs, near the body's
    midline (the anterior junction line where the lungs touch); which side is the patient's left
    comes from Image Orientation (Patient), so prone and feet-first series are right too.
@@ -58,7 +59,10 @@ AIRWAY_MEAN_HU = -960.0  # nearly pure air: airway lumen, gas, the table's hollo
 PURE_AIR_HU = -950.0  # airway lumen and gas; parenchyma is mostly above (about -850 on average)
 AIRWAY_PURITY = 0.6  # share of pure air in a small per-slice component that makes it airway
 GAS_PURITY = 0.8  # share of pure air that makes a component of any size gas, not lung
-AIRWAY_MAX_AREA_MM2 = 1200.0  # trachea ~200-500 mm2, carina and main bronchi up to ~1000
+AIRWAY_MAX_AREA_MM2 = 1200.0
+AIRWAY_MIDLINE_MM = 30.0  # a small component centred this close to the midline is an airway:
+# trachea and main bronchi (streaks at the thoracic inlet can put their lumen at -850 HU), while
+# the lung apices, the smallest lung sections, are centred 40 mm or more from the midline  # trachea ~200-500 mm2, carina and main bronchi up to ~1000
 MIN_LUNG_ML = 15.0  # less lung than this in the whole series: no lungs found
 MIN_SHARE_OF_LARGEST = 0.05  # a second lung component must be at least this share of the first
 CLOSING_MM = 10.0  # rolling-ball radius that takes subpleural opacities back into the lung
@@ -354,17 +358,32 @@ def _airway(lung: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
     counts = np.bincount(labels[lung], minlength=n + 1)[1:]
     purity = _component_means((work < PURE_AIR_HU).astype(np.float32), labels, n)
     area = counts * grid.spacing[1] * grid.spacing[2]
-    airway = ((area < AIRWAY_MAX_AREA_MM2) & (purity >= AIRWAY_PURITY)) | (purity >= GAS_PURITY)
+    # where each component lies: its slice and its centroid column, against the body's midline
+    z_index, _, x_index = np.nonzero(lung)
+    flat = labels[lung]
+    cx = np.bincount(flat, weights=x_index, minlength=n + 1)[1:] / np.maximum(counts, 1)
+    cz = (np.bincount(flat, weights=z_index, minlength=n + 1)[1:] / np.maximum(counts, 1))
+    midline = _body_centre(work)[cz.round().astype(int)]
+    central = np.abs(cx - midline) * grid.spacing[2] < AIRWAY_MIDLINE_MM
+    small = area < AIRWAY_MAX_AREA_MM2
+    airway = (small & (central | (purity >= AIRWAY_PURITY))) | (purity >= GAS_PURITY)
     return _lookup(airway, labels)
+
+
+def _body_centre(work: np.ndarray) -> np.ndarray:
+    """Per slice, the column of the body's centre of mass (the midline)."""
+    body_cols = (work > BODY_HU).sum(axis=1)  # (z, x)
+    weight = body_cols.sum(axis=1)
+    columns = np.arange(work.shape[2])
+    centre = (body_cols * columns).sum(axis=1) / np.maximum(weight, 1)
+    return np.where(weight > 0, centre, work.shape[2] / 2.0)
 
 
 def _split(air: np.ndarray, work: np.ndarray, grid: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """Step 6: left and right lung, cut per slice at the column of least lung near the midline."""
     z, _, width = air.shape
     columns = np.arange(width)
-    body_cols = (work > BODY_HU).sum(axis=1)  # (z, x)
-    weight = body_cols.sum(axis=1)
-    centre = np.where(weight > 0, (body_cols * columns).sum(axis=1) / np.maximum(weight, 1), width / 2)
+    centre = _body_centre(work)
     profile = air.sum(axis=1).astype(float)  # (z, x): lung per column
     profile = ndimage.uniform_filter1d(profile, 3, axis=1)
     band = int(MIDLINE_BAND * width)
