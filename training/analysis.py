@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SERIES = Path(__file__).parent / "configs" / "analysis_series.csv"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVALUATION_FILE = "analysis_evaluation.json"
+CARD_FILE = "ANALYSIS.md"
 
 
 @dataclasses.dataclass
@@ -297,7 +299,8 @@ def draw_overlays(results: list[SeriesResult], listing: Path, data: Path, out: P
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings.model_validate({"results": {"send_to": None}})
-    model = load_model(args.model, runtime="auto", cache_dir=args.model / ".cache")
+    cache = Path(tempfile.gettempdir()) / "triage-analysis-litert"
+    model = load_model(args.model, runtime="auto", cache_dir=cache)
     results = analyse_listed(args.series, args.data, model, settings)
     default = AnalysisSpec().po_threshold
     threshold, how = fit_threshold(results, default)
@@ -317,11 +320,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
     }
     (args.model / EVALUATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (args.model / CARD_FILE).write_text(analysis_card(report))
     if args.write:
         write_analysis(args.model, threshold, how, held_out, slices)
     if args.overlays is not None:
         draw_overlays(results, args.series, args.data, args.overlays)
     return report
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def analysis_card(report: dict[str, Any]) -> str:
+    """``ANALYSIS.md``: the measured table of the Hounsfield analysis, from ``report`` only."""
+    held = {r["series"]: r for r in report["site_held_out"]["series"]}
+    lines = [
+        f"# Hounsfield analysis: {report['analysis_version']}",
+        "",
+        "Written by `python -m training.analysis`; every number below is measured by it.",
+        "",
+        f"PO threshold {report['po_threshold']:g}% ({report['po_threshold_fit']}).",
+        "",
+        "| site | series | diagnosis | category | PO % | PHO % | lung mL | CNN score "
+        "| flag threshold without the site | flagged | right |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["series"]:
+        h = held.get(r["name"], {})
+        cnn = "-" if r["cnn_score"] is None else f"{r['cnn_score']:.2f}"
+        right = {True: "yes", False: "**no**", None: "(no label)"}[h.get("right")]
+        lines.append(
+            f"| {r['site']} | {r['name']} | {r['diagnosis']} | {r['category']} | {r['po']:.2f} "
+            f"| {r['pho']:.2f} | {r['volume_ml']:.0f} | {cnn} "
+            f"| {h.get('threshold_without_site', '-')} | {'yes' if h.get('flagged') else 'no'} "
+            f"| {right} |"
+        )
+    lines += ["", "Held out by site (pneumonia flag):", "", "| site | sensitivity | specificity |"]
+    lines.append("|---|---|---|")
+    for site, rates in sorted(report["site_held_out"]["per_site"].items()):
+        lines.append(
+            f"| {site} | {_pct(rates['sensitivity'])} ({rates['true_positive']}/"
+            f"{rates['positives']}) | {_pct(rates['specificity'])} ({rates['true_negative']}/"
+            f"{rates['negatives']}) |"
+        )
+    rates = report["site_held_out"]["all"]
+    lines.append(
+        f"| all | {_pct(rates['sensitivity'])} ({rates['true_positive']}/{rates['positives']}) "
+        f"| {_pct(rates['specificity'])} ({rates['true_negative']}/{rates['negatives']}) |"
+    )
+    lines += ["", "Series-level ROC AUC (threshold-free; the CNN saw these series in training):", ""]
+    for question, entry in report["series_auc"].items():
+        lines.append(
+            f"- {question}: PO {entry['po_auc']}, CNN {entry['cnn_auc']} "
+            f"({entry['positive']} of {entry['series']} series positive)"
+        )
+    lines += ["", "Within-patient slice AUC of slice PO vs the radiologists' slice marks:", ""]
+    for pid, entry in report["slice_auc_within_patient"].items():
+        lines.append(
+            f"- {pid}: {entry['auc']} (95% CI {entry['ci95']}, {entry['marked_infected']} of "
+            f"{entry['slices']} slices marked)"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_analysis(
