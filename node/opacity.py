@@ -93,6 +93,7 @@ class Quantification:
     bands: dict[str, dict[str, Region]]  # side -> band -> region
     focality: float  # share of opacity volume in its largest 3-D component (0 when none)
     slice_po: tuple[float, ...] = field(default_factory=tuple)  # per slice of the series, 0-100
+    slice_opacity_ml: tuple[float, ...] = field(default_factory=tuple)  # per slice, mL
     extent_mm: float = 0.0  # cranio-caudal length covered by lung
 
     @property
@@ -191,7 +192,8 @@ def quantify(masks: LungMasks) -> Quantification:
         bands[name] = {"peripheral": region(periph), "central": region(side & ~periph)}
     lungs = masks.lungs
     per_slice_lung = lungs.sum(axis=(1, 2))
-    slice_po = 100.0 * opacity.sum(axis=(1, 2)) / np.maximum(per_slice_lung, 1)
+    per_slice_opacity = opacity.sum(axis=(1, 2))
+    slice_po = 100.0 * per_slice_opacity / np.maximum(per_slice_lung, 1)
     covered = np.flatnonzero(per_slice_lung)
     extent = (
         (covered[-1] - covered[0] + 1) * masks.geometry.spacing[0] if len(covered) else 0.0
@@ -203,6 +205,7 @@ def quantify(masks: LungMasks) -> Quantification:
         bands=bands,
         focality=_focality(opacity),
         slice_po=tuple(float(v) for v in slice_po),
+        slice_opacity_ml=tuple(float(v) * ml for v in per_slice_opacity),
         extent_mm=float(extent),
     )
 

@@ -61,6 +61,7 @@ def analyse_files(
         "algorithm": model.algorithm,
         "classes": tuple(model.spec.classes),
         "slices_total": len(paths),
+        "analysis_version": analysis_version(model),
     }
     try:
         slices = order_and_check(
@@ -87,7 +88,6 @@ def analyse_files(
         top_slices=reduction.top_slices,
         quantification=quantification,
         assessment=assess(quantification, spec, reduction.series_score),
-        analysis_version=analysis_version(model),
         key_slices=key_slices(slices, quantification),
         coverage=coverage_caveats(quantification, geometry, spec.min_extent_mm),
         **base,
@@ -108,8 +108,10 @@ SPARSE_SPACING_MM = 5.0
 
 
 def key_slices(slices: list[SliceRef], q: opacity.Quantification) -> tuple[SliceScore, ...]:
-    """The slices with the most opacity (PO of the slice, %), at most ``KEY_SLICES``."""
-    order = sorted(range(len(slices)), key=lambda i: q.slice_po[i], reverse=True)
+    """The slices with the most opacity by volume, at most ``KEY_SLICES``; the score each
+    carries is that slice's PO (%).  By volume, not PO: a sliver of lung at the apex with one
+    blob in it has a large PO and nothing to show."""
+    order = sorted(range(len(slices)), key=lambda i: q.slice_opacity_ml[i], reverse=True)
     return tuple(
         SliceScore(
             sop_instance_uid=slices[i].sop_instance_uid,
@@ -119,7 +121,7 @@ def key_slices(slices: list[SliceRef], q: opacity.Quantification) -> tuple[Slice
             positive_score=q.slice_po[i],
         )
         for i in order[:KEY_SLICES]
-        if q.slice_po[i] > 0
+        if q.slice_opacity_ml[i] > 0
     )
 
 

@@ -1,20 +1,26 @@
 """Report stage: one ``SeriesVerdict`` becomes a TID 1500 Comprehensive 3D SR (highdicom).
 
 The SR lands in the source study (patient and study attributes are copied from the source CT
-headers) and holds one measurement group for the analysed series:
+headers) and holds one TID 1501 measurement group for the analysed series:
 
-- ``Finding`` (DCM 121071): the model's class as a code (``CLASS_CODES``), or "Not evaluated"
-  when the series could not be analysed;
-- a qualitative evaluation "COVID-19" (SCT 840539006) = Present / Absent / Undetermined,
-  the triage answer in standard codes whatever the model's classes are;
-- one NUM per class: concept = the class code, unit UCUM ``{probability}`` (value 0..1);
-- the number of slices analysed and in the series (UCUM ``{slices}``) and the series score;
-- the top-k most suspicious slices as "Source of Measurement" image references;
-- the algorithm (TID 4019: name, version, sha256 and series rule as parameters);
-- TEXT "Comment" items: the triage-aid disclaimer and, if not analysed, the reason.
+- ``Finding`` (DCM 121071): "Opacity" (DCM 112001), or "Not evaluated" when the series could not
+  be analysed; finding site: lung;
+- the Hounsfield quantification (``node.opacity``) as TID 300 measurements, each with its finding
+  site: lung volume (SCT "Volume", mL) of both lungs and of each lung; PO and PHO (%, local codes)
+  of both lungs, each lung and each lung's zones (SCT upper / middle / lower zone of lung +
+  laterality) and bands (left / right lung + topographical modifier peripheral / central);
+- the key slices (most opacity) as the group's source images, each with its slice PO;
+- qualitative evaluations (``node.assess``): the RSNA-style CT category, "pneumonia-range lung
+  opacity" Present / Absent and the category's COVID-19 likelihood (SCT high / intermediate / low);
+- the CNN's output, named as the CNN's: its class, one probability per class, the series score
+  (with the top slices it came from) and the slice counts;
+- the algorithm (TID 4019: name, version; sha256, series rule and analysis version as parameters);
+- TEXT "Comment" items: the not-analysed reason, coverage caveats, the assessment's reasons, the
+  triage-aid disclaimer and the model's notice.
 
 Result UIDs are derived from the input (see ``result_uids``), so a re-run makes the same SR and
-a PACS that already holds it keeps one copy.  Every SR code lives in this module.
+a PACS that already holds it keeps one copy.  Every SR code lives in this module; the local
+scheme ``99TRIAGE`` only names what has no standard code.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -42,6 +51,7 @@ from highdicom.sr import (
     ObserverContext,
     QualitativeEvaluation,
     RelationshipTypeValues,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     TextContentItem,
     TrackingIdentifier,
@@ -52,8 +62,10 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from node.assess import ATYPICAL, CATEGORY_TEXT, INDETERMINATE, NEGATIVE, TYPICAL
+from node.opacity import BANDS, SIDES, ZONES, Quantification, Region
 from node.spool import write_atomic
-from node.verdict import SeriesVerdict
+from node.verdict import SeriesVerdict, SliceScore
 
 logger = logging.getLogger(__name__)
 
@@ -62,49 +74,105 @@ logger = logging.getLogger(__name__)
 LOCAL_SCHEME = "99TRIAGE"
 """Local coding scheme (PS3.3 8.2: "99" prefix) for concepts without a standard code."""
 
+# Finding and anatomy (SNOMED CT; zones from CID 6171, modifiers from CID 2, laterality CID 244)
+OPACITY = codes.DCM.Opacity
+NOT_ANALYSED = Code("373121007", "SCT", "Not evaluated")
+LUNG = codes.SCT.Lung  # 39607008
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+SIDE_LUNGS = {"left": LEFT_LUNG, "right": RIGHT_LUNG}
+LATERALITIES = {"left": codes.SCT.Left, "right": codes.SCT.Right}
+BOTH_SIDES = codes.SCT.Bilateral
+ZONE_CODES = {  # node.opacity's thirds of each lung's own cranio-caudal extent
+    "upper": codes.SCT.UpperZoneOfLung,  # 281392002
+    "middle": codes.SCT.MiddleZoneOfLung,  # 281393007
+    "lower": codes.SCT.LowerZoneOfLung,  # 281394001
+}
+BAND_CODES = {"peripheral": codes.SCT.Peripheral, "central": codes.SCT.Central}
+
+# Hounsfield measurements
+VOLUME = codes.SCT.Volume  # 118565006
+VOLUME_METHOD = codes.DCM.SumOfSegmentedVoxelMethodForVolume  # 126030, CID 7474
+PO = Code("PO", LOCAL_SCHEME, "Percentage of opacity")
+PHO = Code("PHO", LOCAL_SCHEME, "Percentage of high opacity")
+SLICE_PO = Code("SLICE-PO", LOCAL_SCHEME, "Percentage of opacity in slice")
+ML_UNIT = Code("ml", "UCUM", "mL")
+PERCENT_UNIT = codes.UCUM.Percent
+
+# Assessment (node.assess)
+CT_CATEGORY = Code("CT-CATEGORY", LOCAL_SCHEME, "COVID-19 pneumonia CT category (RSNA)")
+TYPICAL_APPEARANCE = Code("TYPICAL", LOCAL_SCHEME, CATEGORY_TEXT[TYPICAL])
+INDETERMINATE_APPEARANCE = Code("INDETERMINATE", LOCAL_SCHEME, CATEGORY_TEXT[INDETERMINATE])
+ATYPICAL_APPEARANCE = Code("ATYPICAL", LOCAL_SCHEME, CATEGORY_TEXT[ATYPICAL])
+NO_OPACITY = Code("NEGATIVE", LOCAL_SCHEME, CATEGORY_TEXT[NEGATIVE])
+CATEGORY_CODES = {
+    TYPICAL: TYPICAL_APPEARANCE,
+    INDETERMINATE: INDETERMINATE_APPEARANCE,
+    ATYPICAL: ATYPICAL_APPEARANCE,
+    NEGATIVE: NO_OPACITY,
+}
+PNEUMONIA_RANGE = Code("PNEUMONIA-RANGE", LOCAL_SCHEME, "Pneumonia-range lung opacity")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+COVID_LIKELIHOOD = Code("COVID-LIKELIHOOD", LOCAL_SCHEME, "COVID-19 likelihood of the CT category")
+LIKELIHOOD_CODES = {
+    "high": codes.SCT.High,  # 75540009
+    "intermediate": codes.SCT.Intermediate,  # 11896004
+    "low": codes.SCT.Low,  # 62482003
+}
+
+# The CNN (node.infer): its class, per-class probabilities, series score and slice counts
 COVID_19 = Code("840539006", "SCT", "COVID-19")
 """SNOMED CT synonym; the full name "Disease caused by severe acute respiratory syndrome
 coronavirus 2" is 65 characters, over the 64 a Code Meaning (LO) may hold."""
 NORMAL = Code("17621005", "SCT", "Normal")
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 NOT_COVID_19 = Code("NON-COVID", LOCAL_SCHEME, "Not COVID-19 (model class non-COVID)")
-NOT_ANALYSED = Code("373121007", "SCT", "Not evaluated")
-
 CLASS_CODES: dict[str, Code] = {
     "COVID-19": COVID_19,
     "non-COVID": NOT_COVID_19,
     "Normal": NORMAL,
     "Pneumonia": PNEUMONIA,
 }
-"""Model class name -> code, used for the finding and as the name of its probability."""
-
-POSITIVE_CLASS = "COVID-19"
-PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("272519000", "SCT", "Absent")
-UNDETERMINED = Code("373068000", "SCT", "Undetermined")
+"""Model class name -> code, the value of the "CNN class" evaluation."""
+CNN_CLASS = Code("CNN-CLASS", LOCAL_SCHEME, "CNN class")
+CNN_PROBABILITY_CODES: dict[str, Code] = {
+    "COVID-19": Code("CNN-P-COVID-19", LOCAL_SCHEME, "CNN probability of COVID-19"),
+    "non-COVID": Code("CNN-P-NON-COVID", LOCAL_SCHEME, "CNN probability of non-COVID"),
+    "Normal": Code("CNN-P-NORMAL", LOCAL_SCHEME, "CNN probability of Normal"),
+    "Pneumonia": Code("CNN-P-PNEUMONIA", LOCAL_SCHEME, "CNN probability of Pneumonia"),
+}
+"""Model class name -> name of the CNN's probability for that class."""
+CNN_SERIES_SCORE = Code("CNN-SCORE", LOCAL_SCHEME, "CNN series score")
+SLICES_ANALYSED = Code("SLICES-ANALYSED", LOCAL_SCHEME, "Number of slices classified by the CNN")
+SLICES_IN_SERIES = Code("SLICES-TOTAL", LOCAL_SCHEME, "Number of slices in series")
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+NO_UNITS = codes.UCUM.NoUnits  # "1": the series score is a mean score or a fraction of slices
+SLICES_UNIT = Code("{slices}", "UCUM", "slices")
 
 PROCEDURE_CT_CHEST = Code("24627-2", "LN", "CT Chest")
 COMMENT = Code("121106", "DCM", "Comment")
-SLICES_ANALYSED = Code("SLICES-ANALYSED", LOCAL_SCHEME, "Number of slices analysed")
-SLICES_IN_SERIES = Code("SLICES-TOTAL", LOCAL_SCHEME, "Number of slices in series")
-SERIES_SCORE = Code("SERIES-SCORE", LOCAL_SCHEME, "Series score for COVID-19")
-PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
-SLICES_UNIT = Code("{slices}", "UCUM", "slices")
 
 # --- Fixed texts -------------------------------------------------------------------------------
 
 SERIES_DESCRIPTION = "COVID triage (AI) - not a diagnosis"
 MODEL_NOTICE_PREFIX = "Model notice: "
 DISCLAIMER = (
-    "Triage aid only, not a diagnosis: produced by an AI model without human review. "
-    "A radiologist must read the images."
+    "Triage aid only, not a diagnosis: produced by software (Hounsfield opacity measurement "
+    "and an AI model) without human review. A radiologist must read the images."
 )
 NOT_ANALYSED_PREFIX = "Not analysed: "
+COVERAGE_PREFIX = "Coverage: "
+ASSESSMENT_PREFIX = "Assessment: "
+SHA256_PARAMETER = "sha256="
+RULE_PARAMETER = "series rule="
+ANALYSIS_PARAMETER = "analysis="
 DEFAULT_SERIES_NUMBER = 9901
 try:
     SOFTWARE_VERSION = version("triage-node")
 except PackageNotFoundError:  # running from a checkout that is not installed
     SOFTWARE_VERSION = "unknown"
+
 
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:triage-node:structured-report")
 _TYPE2_PATIENT_STUDY = (
@@ -117,6 +185,52 @@ _TYPE2_PATIENT_STUDY = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+
+
+@dataclass(frozen=True)
+class RegionSite:
+    """Where a Hounsfield measurement was made: a key into ``Quantification`` and its site."""
+
+    # ("total",), ("lungs", side), ("zones", side, zone) or ("bands", side, band)
+    key: tuple[str, ...]
+    site: Code
+    laterality: Code | None = None
+    modifier: Code | None = None
+
+    def finding_site(self) -> FindingSite:
+        return FindingSite(
+            self.site, laterality=self.laterality, topographical_modifier=self.modifier
+        )
+
+    def region(self, q: Quantification) -> Region:
+        kind, *path = self.key
+        if kind == "total":
+            return q.total
+        if kind == "lungs":
+            return q.lungs[path[0]]
+        return (q.zones if kind == "zones" else q.bands)[path[0]][path[1]]
+
+
+REGION_SITES: tuple[RegionSite, ...] = (
+    RegionSite(("total",), LUNG, laterality=BOTH_SIDES),
+    *(RegionSite(("lungs", s), SIDE_LUNGS[s]) for s in SIDES),
+    *(
+        RegionSite(("zones", s, z), ZONE_CODES[z], laterality=LATERALITIES[s])
+        for s in SIDES
+        for z in ZONES
+    ),
+    *(
+        RegionSite(("bands", s, b), SIDE_LUNGS[s], modifier=BAND_CODES[b])
+        for s in SIDES
+        for b in BANDS
+    ),
+)
+"""Every region the SR reports, in report order; volumes are reported for both lungs and each."""
+
+PO_DECIMALS = 2
+VOLUME_DECIMALS = 1
+CNN_DECIMALS = 5  # readable, and within 1e-5 of the verdict (what the console compares)
+"""Decimals written for PO/PHO (%), volumes (mL) and the CNN's probabilities and score."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +303,8 @@ def build_report(
         The analysis outcome; a not-analysed verdict gives an SR that says so, with the reason.
     evidence
         Headers of the source CT instances (pixel data not needed); at least one.  Patient and
-        study attributes come from the first; every slice in ``verdict.top_slices`` must be here.
+        study attributes come from the first; every slice in ``verdict.key_slices`` and
+        ``verdict.top_slices`` must be here.
     institution_name
         Institution Name of the SR, if any.
     predecessor
@@ -237,11 +352,12 @@ def build_report(
         procedure_reported=PROCEDURE_CT_CHEST,
         imaging_measurements=[_measurement_group(verdict)],
     )
+    now = datetime.now()
     # highdicom warns about "unusual" person names and quotes the name: that would put the
     # patient's name into the node's logs.  The name is copied as received; silence the warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        sr = Comprehensive3DSR(
+        return Comprehensive3DSR(
             evidence=[_with_type2_defaults(evidence[0]), *evidence[1:]],
             content=report,
             series_instance_uid=uids.series_instance_uid,
@@ -257,39 +373,39 @@ def build_report(
             series_description=SERIES_DESCRIPTION,
             software_versions=software_version,
             specific_character_set="ISO_IR 192",
+            coding_schemes=[
+                CodingSchemeIdentificationItem(
+                    designator=LOCAL_SCHEME,
+                    name="triage-node local codes",
+                    responsible_organization=manufacturer,
+                )
+            ],
+            # one moment for both: viewers list the SR series by its date and time
+            content_date=now.date(),
+            content_time=now.time(),
+            series_date=now.date(),
+            series_time=now.time(),
         )
-    sr.CodingSchemeIdentificationSequence = [_local_scheme_item(manufacturer)]
-    return sr
 
 
 def _measurement_group(verdict: SeriesVerdict) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for the series: finding, probabilities, counts, slices, algorithm."""
-    algorithm = verdict.algorithm
-    parameters = [f"sha256={algorithm.sha256}"]
-    if verdict.rule:
-        parameters.append(f"series rule={verdict.rule}")
+    """TID 1501 group for the series: finding, measurements, evaluations, key slices, comments."""
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=_derived_uid("tracking", verdict.series_instance_uid),
-            identifier=f"COVID triage of CT series {verdict.series_instance_uid}",
+            identifier=f"Lung opacity triage of CT series {verdict.series_instance_uid}",
         ),
-        finding_type=_finding_code(verdict),
-        algorithm_id=AlgorithmIdentification(
-            name=algorithm.name, version=algorithm.version, parameters=parameters
-        ),
-        measurements=_measurements(verdict),
-        qualitative_evaluations=[QualitativeEvaluation(COVID_19, _covid_presence(verdict))],
+        finding_type=OPACITY if verdict.analysed else NOT_ANALYSED,
+        finding_sites=[FindingSite(LUNG)],
+        algorithm_id=_algorithm_id(verdict),
+        measurements=[*_opacity_measurements(verdict), *_cnn_measurements(verdict)],
+        qualitative_evaluations=_evaluations(verdict),
         source_images=[
             SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid)
-            for s in verdict.top_slices
+            for s in verdict.key_slices
         ],
     )
-    comments = [DISCLAIMER]
-    if algorithm.notice:
-        comments.append(MODEL_NOTICE_PREFIX + algorithm.notice)
-    if not verdict.analysed:
-        comments.insert(0, NOT_ANALYSED_PREFIX + (verdict.reason or "no reason given"))
-    for text in comments:
+    for text in _comments(verdict):
         group[0].ContentSequence.append(
             TextContentItem(
                 name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS
@@ -298,8 +414,59 @@ def _measurement_group(verdict: SeriesVerdict) -> MeasurementsAndQualitativeEval
     return group
 
 
-def _measurements(verdict: SeriesVerdict) -> list[Measurement]:
-    """Class probabilities, slice counts and the series score as TID 300 measurements."""
+def _algorithm_id(verdict: SeriesVerdict) -> AlgorithmIdentification:
+    algorithm = verdict.algorithm
+    parameters = [SHA256_PARAMETER + algorithm.sha256]
+    if verdict.rule:
+        parameters.append(RULE_PARAMETER + verdict.rule)
+    if verdict.analysis_version:
+        parameters.append(ANALYSIS_PARAMETER + verdict.analysis_version)
+    return AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=parameters
+    )
+
+
+def _opacity_measurements(verdict: SeriesVerdict) -> list[Measurement]:
+    """Volume, PO and PHO of every region in ``REGION_SITES``, then each key slice's PO."""
+    q = verdict.quantification
+    if not verdict.analysed or q is None:
+        return []
+    measurements = []
+    for where in REGION_SITES:
+        region = where.region(q)
+        if where.key[0] in ("total", "lungs"):
+            measurements.append(
+                Measurement(
+                    name=VOLUME,
+                    value=round(region.volume_ml, VOLUME_DECIMALS),
+                    unit=ML_UNIT,
+                    method=VOLUME_METHOD,
+                    finding_sites=[where.finding_site()],
+                )
+            )
+        for name, value in ((PO, region.po), (PHO, region.pho)):
+            measurements.append(
+                Measurement(
+                    name=name,
+                    value=round(value, PO_DECIMALS),
+                    unit=PERCENT_UNIT,
+                    finding_sites=[where.finding_site()],
+                )
+            )
+    measurements.extend(
+        Measurement(
+            name=SLICE_PO,
+            value=round(s.positive_score, PO_DECIMALS),
+            unit=PERCENT_UNIT,
+            referenced_images=[_source_image(s)],
+        )
+        for s in verdict.key_slices
+    )
+    return measurements
+
+
+def _cnn_measurements(verdict: SeriesVerdict) -> list[Measurement]:
+    """The CNN's class probabilities, series score (from its top slices) and slice counts."""
     measurements = []
     if verdict.probabilities:  # a not-analysed verdict may name classes but has no probabilities
         if len(verdict.probabilities) != len(verdict.classes):
@@ -308,44 +475,81 @@ def _measurements(verdict: SeriesVerdict) -> list[Measurement]:
                 f"{len(verdict.classes)} classes"
             )
         measurements = [
-            Measurement(name=_class_code(name), value=float(p), unit=PROBABILITY_UNIT)
+            Measurement(
+                name=_class_code(name, CNN_PROBABILITY_CODES),
+                value=round(float(p), CNN_DECIMALS),
+                unit=PROBABILITY_UNIT,
+            )
             for name, p in zip(verdict.classes, verdict.probabilities, strict=True)
         ]
-    if verdict.analysed:
-        measurements.append(
-            Measurement(name=SLICES_ANALYSED, value=verdict.slices_analysed, unit=SLICES_UNIT)
-        )
-    measurements.append(
-        Measurement(name=SLICES_IN_SERIES, value=verdict.slices_total, unit=SLICES_UNIT)
-    )
     if verdict.series_score is not None:
         measurements.append(
-            Measurement(name=SERIES_SCORE, value=float(verdict.series_score), unit=PROBABILITY_UNIT)
+            Measurement(
+                name=CNN_SERIES_SCORE,
+                value=round(float(verdict.series_score), CNN_DECIMALS),
+                unit=NO_UNITS,
+                referenced_images=[_source_image(s) for s in verdict.top_slices] or None,
+            )
         )
+    if verdict.analysed:
+        measurements.append(_count(SLICES_ANALYSED, verdict.slices_analysed, SLICES_UNIT))
+    measurements.append(_count(SLICES_IN_SERIES, verdict.slices_total, SLICES_UNIT))
     return measurements
 
 
-def _class_code(name: str) -> Code:
-    try:
-        return CLASS_CODES[name]
-    except KeyError:
-        raise ValueError(
-            f"verdict class {name!r} has no SR code; known classes: {sorted(CLASS_CODES)}"
-        ) from None
+def _count(name: Code, value: int, unit: Code) -> Measurement:
+    """A NUM for a count, its Numeric Value an integer string ("74", not "74.0").
+
+    highdicom formats every value as a float (``DS(74, auto_format=True)`` is "74.0"); a count
+    reads, and reads back, as an integer.
+    """
+    measurement = Measurement(name=name, value=int(value), unit=unit)
+    measurement[0].MeasuredValueSequence[0].NumericValue = str(int(value))
+    return measurement
 
 
-def _finding_code(verdict: SeriesVerdict) -> Code:
+def _source_image(s: SliceScore) -> SourceImageForMeasurement:
+    return SourceImageForMeasurement(s.sop_class_uid, s.sop_instance_uid)
+
+
+def _evaluations(verdict: SeriesVerdict) -> list[QualitativeEvaluation]:
+    """Category, pneumonia-range flag and likelihood (``node.assess``), then the CNN's class."""
     if not verdict.analysed:
-        return NOT_ANALYSED
+        return []
+    evaluations = []
+    a = verdict.assessment
+    if a is not None:
+        evaluations = [
+            QualitativeEvaluation(CT_CATEGORY, CATEGORY_CODES[a.category]),
+            QualitativeEvaluation(PNEUMONIA_RANGE, PRESENT if a.pneumonia else ABSENT),
+            QualitativeEvaluation(COVID_LIKELIHOOD, LIKELIHOOD_CODES[a.covid_likelihood]),
+        ]
     if verdict.finding is None:
         raise ValueError("verdict.finding: missing for an analysed series")
-    return _class_code(verdict.finding)
+    evaluations.append(QualitativeEvaluation(CNN_CLASS, _class_code(verdict.finding, CLASS_CODES)))
+    return evaluations
 
 
-def _covid_presence(verdict: SeriesVerdict) -> Code:
-    if not verdict.analysed or verdict.finding is None:
-        return UNDETERMINED
-    return PRESENT if verdict.finding == POSITIVE_CLASS else ABSENT
+def _comments(verdict: SeriesVerdict) -> list[str]:
+    comments = []
+    if not verdict.analysed:
+        comments.append(NOT_ANALYSED_PREFIX + (verdict.reason or "no reason given"))
+    comments.extend(COVERAGE_PREFIX + c for c in verdict.coverage)
+    if verdict.assessment is not None:
+        comments.extend(ASSESSMENT_PREFIX + r for r in verdict.assessment.reasons)
+    comments.append(DISCLAIMER)
+    if verdict.algorithm.notice:
+        comments.append(MODEL_NOTICE_PREFIX + verdict.algorithm.notice)
+    return comments
+
+
+def _class_code(name: str, table: dict[str, Code]) -> Code:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(
+            f"verdict class {name!r} has no SR code; known classes: {sorted(table)}"
+        ) from None
 
 
 def _with_type2_defaults(source: Dataset) -> Dataset:
@@ -367,14 +571,6 @@ def _predecessor_dataset(ref: PredecessorRef) -> Dataset:
     return ds
 
 
-def _local_scheme_item(manufacturer: str) -> Dataset:
-    item = Dataset()
-    item.CodingSchemeDesignator = LOCAL_SCHEME
-    item.CodingSchemeName = "triage-node local codes"
-    item.CodingSchemeResponsibleOrganization = manufacturer
-    return item
-
-
 def verdict_from_report(ds: Dataset) -> dict[str, Any]:
     """Read the verdict back from a triage SR (as written by ``build_report``).
 
@@ -386,49 +582,97 @@ def verdict_from_report(ds: Dataset) -> dict[str, Any]:
     Returns
     -------
     dict
-        Keys as in ``SeriesVerdict.as_json`` where they exist: ``analysed``, ``finding`` (class
-        name or None), ``probabilities`` (class -> value), ``slices_analysed`` (None if not
-        analysed), ``slices_total``, ``series_score``, ``reason``, ``model`` (name, version,
-        sha256); plus ``covid_19`` (meaning of the presence evaluation) and ``top_slice_uids``.
+        Keys as in ``SeriesVerdict.as_json`` where they exist: ``analysed``, ``finding`` (the
+        CNN's class name or None), ``probabilities`` (class -> CNN probability),
+        ``slices_analysed`` (None if not analysed), ``slices_total``, ``series_score`` (the CNN's),
+        ``reason``, ``category`` (``node.assess`` category or None), ``pneumonia`` (bool or None),
+        ``covid_likelihood``, ``analysis_version``, ``coverage``, ``model`` (name, version,
+        sha256); plus ``quantification`` (None if not analysed, else ``total`` -> volume_ml, po,
+        pho; ``lungs`` -> side -> the same; ``zones`` and ``bands`` -> side -> part -> po, pho),
+        ``key_slices`` (sop_instance_uid, po; most opacity first), ``top_slice_uids`` (the CNN's)
+        and ``assessment_reasons``.
     """
     group = _measurement_group_of(ds)
     finding = group.finding_type
     if finding is None:
         raise ValueError(f"SR {ds.SOPInstanceUID}: the measurement group has no Finding")
-    analysed = finding != NOT_ANALYSED
-    probabilities: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for m in group.get_measurements():
-        if m.unit == PROBABILITY_UNIT and m.name != SERIES_SCORE:
-            probabilities[_class_name(m.name)] = float(m.value)
-        else:
-            counts[m.name.value] = m.value
-    comments = [item.value for item in _items(group[0], COMMENT, ValueTypeValues.TEXT)]
-    reasons = [c[len(NOT_ANALYSED_PREFIX) :] for c in comments if c.startswith(NOT_ANALYSED_PREFIX)]
-    presence = group.get_qualitative_evaluations(name=COVID_19)
+    measurements = group.get_measurements()
+    comments = [str(item.value) for item in _items(group[0], COMMENT, ValueTypeValues.TEXT)]
+    parameters = _texts(group[0], codes.DCM.AlgorithmParameters)
+    category = _evaluation(group, CT_CATEGORY, CATEGORY_CODES)
+    pneumonia = _evaluation(group, PNEUMONIA_RANGE, {"yes": PRESENT, "no": ABSENT})
+    by_name = {m.name.value: m for m in measurements}
+    series_score = by_name.get(CNN_SERIES_SCORE.value)
     return {
-        "analysed": analysed,
-        "finding": _class_name(finding) if analysed else None,
-        "probabilities": probabilities,
-        "slices_analysed": _int_or_none(counts.get(SLICES_ANALYSED.value)),
-        "slices_total": _int_or_none(counts.get(SLICES_IN_SERIES.value)),
-        "series_score": counts.get(SERIES_SCORE.value),
-        "reason": reasons[0] if reasons else "",
-        "covid_19": presence[0][0].value.meaning if presence else None,
-        "top_slice_uids": [s.referenced_sop_instance_uid for s in group.source_images],
+        "analysed": finding != NOT_ANALYSED,
+        "finding": _evaluation(group, CNN_CLASS, CLASS_CODES),
+        "probabilities": {
+            _name_of(m.name, CNN_PROBABILITY_CODES): m.value
+            for m in measurements
+            if m.name in CNN_PROBABILITY_CODES.values()
+        },
+        "slices_analysed": _int_or_none(by_name.get(SLICES_ANALYSED.value)),
+        "slices_total": _int_or_none(by_name.get(SLICES_IN_SERIES.value)),
+        "series_score": None if series_score is None else series_score.value,
+        "reason": _first(_prefixed(comments, NOT_ANALYSED_PREFIX)) or "",
+        "category": category,
+        "pneumonia": None if pneumonia is None else pneumonia == "yes",
+        "covid_likelihood": _evaluation(group, COVID_LIKELIHOOD, LIKELIHOOD_CODES),
+        "quantification": _quantification(measurements),
+        "key_slices": [
+            {"sop_instance_uid": m.referenced_images[0].referenced_sop_instance_uid, "po": m.value}
+            for m in measurements
+            if m.name == SLICE_PO
+        ],
+        "top_slice_uids": []
+        if series_score is None
+        else [s.referenced_sop_instance_uid for s in series_score.referenced_images],
+        "analysis_version": _first(_prefixed(parameters, ANALYSIS_PARAMETER)) or "",
+        "coverage": _prefixed(comments, COVERAGE_PREFIX),
+        "assessment_reasons": _prefixed(comments, ASSESSMENT_PREFIX),
         "model": {
-            "name": _text(group[0], codes.DCM.AlgorithmName),
-            "version": _text(group[0], codes.DCM.AlgorithmVersion),
-            "sha256": _sha256(group[0]),
+            "name": _first(_texts(group[0], codes.DCM.AlgorithmName)),
+            "version": _first(_texts(group[0], codes.DCM.AlgorithmVersion)),
+            "sha256": _first(_prefixed(parameters, SHA256_PARAMETER)),
         },
     }
 
 
-def _class_name(code: CodedConcept) -> str:
-    for name, class_code in CLASS_CODES.items():
-        if code == class_code:
+def _quantification(measurements: list[Measurement]) -> dict[str, Any] | None:
+    """Volume, PO and PHO by region (``REGION_SITES``), nested like ``Quantification.as_json``."""
+    fields = {VOLUME.value: "volume_ml", PO.value: "po", PHO.value: "pho"}
+    sites = {_site_key(w.site, w.laterality, w.modifier): w.key for w in REGION_SITES}
+    out: dict[str, Any] = {}
+    for m in measurements:
+        field = fields.get(m.name.value)
+        if field is None or not m.finding_sites:
+            continue
+        site = m.finding_sites[0]
+        key = sites[_site_key(site.value, site.laterality, site.topographical_modifier)]
+        node = out
+        for part in key:
+            node = node.setdefault(part, {})
+        node[field] = m.value
+    return out or None
+
+
+def _site_key(*concepts: Code | CodedConcept | None) -> tuple[str, ...]:
+    return tuple("" if c is None else f"{c.scheme_designator}:{c.value}" for c in concepts)
+
+
+def _evaluation(
+    group: MeasurementsAndQualitativeEvaluations, name: Code, values: dict[str, Code]
+) -> str | None:
+    """The key in ``values`` of the evaluation ``name``, or None when the SR has none."""
+    found = group.get_qualitative_evaluations(name=name)
+    return _name_of(found[0][0].value, values) if found else None
+
+
+def _name_of(code: CodedConcept, table: dict[str, Code]) -> str:
+    for name, known in table.items():
+        if code == known:
             return name
-    raise ValueError(f"code {code.value} ({code.scheme_designator}) is no model class")
+    raise ValueError(f"code {code.value} ({code.scheme_designator}) is not one of {sorted(table)}")
 
 
 def _measurement_group_of(ds: Dataset) -> MeasurementsAndQualitativeEvaluations:
@@ -447,20 +691,20 @@ def _items(parent: Dataset, name: Code, value_type: ValueTypeValues) -> list[Any
     return list(find_content_items(parent, name=name, value_type=value_type))
 
 
-def _text(parent: Dataset, name: Code) -> str | None:
-    found = _items(parent, name, ValueTypeValues.TEXT)
-    return str(found[0].value) if found else None
+def _texts(parent: Dataset, name: Code) -> list[str]:
+    return [str(item.value) for item in _items(parent, name, ValueTypeValues.TEXT)]
 
 
-def _sha256(parent: Dataset) -> str | None:
-    for item in _items(parent, codes.DCM.AlgorithmParameters, ValueTypeValues.TEXT):
-        if str(item.value).startswith("sha256="):
-            return str(item.value)[len("sha256=") :]
-    return None
+def _prefixed(texts: list[str], prefix: str) -> list[str]:
+    return [t[len(prefix) :] for t in texts if t.startswith(prefix)]
 
 
-def _int_or_none(value: float | None) -> int | None:
-    return None if value is None else int(value)
+def _first(texts: list[str]) -> str | None:
+    return texts[0] if texts else None
+
+
+def _int_or_none(m: Measurement | None) -> int | None:
+    return None if m is None else int(m.value)
 
 
 def write_report(sr: Dataset, path: Path) -> None:
@@ -481,7 +725,9 @@ def write_report(sr: Dataset, path: Path) -> None:
 __all__ = [
     "CLASS_CODES",
     "DEFAULT_SERIES_NUMBER",
+    "REGION_SITES",
     "PredecessorRef",
+    "RegionSite",
     "ResultUIDs",
     "build_report",
     "result_uids",

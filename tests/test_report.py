@@ -9,9 +9,15 @@ from typing import Any
 
 import pydicom
 import pytest
+from highdicom.sr import Comprehensive3DSR, MeasurementReport, MeasurementsAndQualitativeEvaluations
+from highdicom.sr.utils import find_content_items
 from pydicom import Dataset
 
+from node.assess import LIKELIHOOD, Assessment
+from node.opacity import BANDS, SIDES, ZONES, Quantification, Region
 from node.report import (
+    SLICES_ANALYSED,
+    SLICES_IN_SERIES,
     PredecessorRef,
     build_report,
     result_uids,
@@ -24,6 +30,7 @@ from tests.tools import require_tool
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SERIES_DIR = DATA / "ct_dicom" / "covid_ct_md" / "COVID" / "P001"
 ALGORITHM = AlgorithmInfo(name="covid-b0", version="1.2.0", sha256="ab" * 32)
+ANALYSIS_VERSION = "lungs 1, opacity 1, assessment 1"
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +41,58 @@ def headers() -> list[Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
 
-def make_verdict(headers: list[Dataset], **changes: Any) -> SeriesVerdict:
-    top = tuple(
-        SliceScore(h.SOPInstanceUID, h.SOPClassUID, float(h.ImagePositionPatient[2]), (), 0.9)
-        for h in headers[10:13]
+def region(volume_ml: float, po: float, pho: float) -> Region:
+    """A region of ``volume_ml`` with ``po`` % opacity, ``pho`` % of it high opacity."""
+    return Region(volume_ml, volume_ml * po / 100, volume_ml * pho / 100)
+
+
+def make_quantification(scale: float = 1.0) -> Quantification:
+    """Bilateral, lower and peripheral predominant opacity, ``scale`` times the default burden."""
+    zone_po = {"upper": 2.0, "middle": 6.5, "lower": 14.25}
+    band_po = {"peripheral": 11.5, "central": 3.125}
+    zones = {
+        s: {z: region(900.0 + 10 * i, scale * zone_po[z] * (1 + i), scale * 0.4) for z in ZONES}
+        for i, s in enumerate(SIDES)
+    }
+    bands = {
+        s: {b: region(1350.0 + 15 * i, scale * band_po[b] * (1 + i), scale * 0.3) for b in BANDS}
+        for i, s in enumerate(SIDES)
+    }
+    lungs = {
+        s: region(2700.0 + 30 * i, scale * (7.0 + i), scale * 0.4) for i, s in enumerate(SIDES)
+    }
+    return Quantification(
+        total=region(5430.0, scale * 7.5, scale * 0.4),
+        lungs=lungs,
+        zones=zones,
+        bands=bands,
+        focality=0.3,
+        extent_mm=280.0,
     )
+
+
+def make_assessment(category: str, reasons: tuple[str, ...]) -> Assessment:
+    return Assessment(
+        category=category,
+        pneumonia=category != "negative",
+        covid_likelihood=LIKELIHOOD[category],
+        bilateral=True,
+        peripheral_ratio=3.7,
+        lower_ratio=7.1,
+        ground_glass_share=0.9,
+        focality=0.3,
+        reasons=reasons,
+    )
+
+
+def slices(headers: list[Dataset], scores: tuple[float, ...]) -> tuple[SliceScore, ...]:
+    return tuple(
+        SliceScore(h.SOPInstanceUID, h.SOPClassUID, float(h.ImagePositionPatient[2]), (), score)
+        for h, score in zip(headers, scores, strict=False)
+    )
+
+
+def make_verdict(headers: list[Dataset], **changes: Any) -> SeriesVerdict:
     verdict = SeriesVerdict(
         study_instance_uid=headers[0].StudyInstanceUID,
         series_instance_uid=headers[0].SeriesInstanceUID,
@@ -52,16 +106,31 @@ def make_verdict(headers: list[Dataset], **changes: Any) -> SeriesVerdict:
         rule="top_k_mean k=5 ≥ 0.5",
         slices_total=len(headers),
         slices_analysed=len(headers) - 14,
-        top_slices=top,
+        top_slices=slices(headers[10:13], (0.93, 0.92, 0.9)),
+        quantification=make_quantification(),
+        assessment=make_assessment(
+            "typical", ("PO 7.5% (threshold 0.5%)", "bilateral, peripheral/central 3.7")
+        ),
+        analysis_version=ANALYSIS_VERSION,
+        key_slices=slices(headers[40:43], (31.416, 22.5, 12.125)),
+        coverage=("sparse slices every 5.0 mm: small opacities between slices are missed",),
     )
     return dataclasses.replace(verdict, **changes)
 
 
-NEGATIVE = {"finding": "non-COVID", "probabilities": (0.12, 0.88), "series_score": 0.2}
+NEGATIVE = {
+    "finding": "non-COVID",
+    "probabilities": (0.12, 0.88),
+    "series_score": 0.2,
+    "quantification": make_quantification(0.01),
+    "assessment": make_assessment("negative", ("PO 0.1% (threshold 0.5%)",)),
+    "coverage": (),
+}
 THREE_CLASS = {
     "classes": ("COVID-19", "Normal", "Pneumonia"),
     "finding": "Pneumonia",
     "probabilities": (0.2, 0.1, 0.7),
+    "assessment": make_assessment("atypical", ("unilateral, consolidation",)),
 }
 NOT_ANALYSED = {
     "analysed": False,
@@ -70,32 +139,86 @@ NOT_ANALYSED = {
     "series_score": None,
     "slices_analysed": 0,
     "top_slices": (),
+    "quantification": None,
+    "assessment": None,
+    "analysis_version": "",
+    "key_slices": (),
+    "coverage": (),
     "reason": "3 slices, at least 5 needed (≥ 5 axial slices)",
 }
 CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
-    "positive": ({}, ["COVID-19", "Present"]),
-    "negative": (NEGATIVE, ["Not COVID-19", "Absent"]),
-    "three-class": (THREE_CLASS, ["Pneumonia", "Absent"]),
-    "not-analysed": (NOT_ANALYSED, ["Not evaluated", "Undetermined", "Not analysed: 3 slices"]),
+    "typical": (
+        {},
+        [
+            "Typical appearance of COVID-19 pneumonia",
+            "Pneumonia-range lung opacity",
+            '(52101004,SCT,"Present")',
+            '(75540009,SCT,"High")',
+            "Coverage: sparse slices",
+            "Assessment: PO 7.5%",
+            "CNN probability of COVID-19",
+        ],
+    ),
+    "negative": (
+        NEGATIVE,
+        ["No significant lung opacity", '(272519000,SCT,"Absent")', '(62482003,SCT,"Low")'],
+    ),
+    "atypical": (THREE_CLASS, ["Atypical appearance for COVID-19 pneumonia", "CNN class"]),
+    "not-analysed": (NOT_ANALYSED, ["Not evaluated", "Not analysed: 3 slices"]),
 }
 
 
-def expected_readback(verdict: SeriesVerdict) -> dict[str, Any]:
+def expected_quantification(q: Quantification | None) -> dict[str, Any] | None:
+    """What the SR holds of ``q``: volumes of the lungs, PO and PHO of every region, rounded."""
+    if q is None:
+        return None
+
+    def values(r: Region, volume: bool = False) -> dict[str, float]:
+        out = {"po": round(r.po, 2), "pho": round(r.pho, 2)}
+        return {"volume_ml": round(r.volume_ml, 1), **out} if volume else out
+
     return {
-        "analysed": verdict.analysed,
-        "finding": verdict.finding,
-        "probabilities": dict(zip(verdict.classes, verdict.probabilities, strict=False)),
-        "slices_analysed": verdict.slices_analysed if verdict.analysed else None,
-        "slices_total": verdict.slices_total,
-        "series_score": verdict.series_score,
-        "reason": verdict.reason,
-        "top_slice_uids": [s.sop_instance_uid for s in verdict.top_slices],
-        "model": {"name": ALGORITHM.name, "version": ALGORITHM.version, "sha256": ALGORITHM.sha256},
+        "total": values(q.total, volume=True),
+        "lungs": {s: values(q.lungs[s], volume=True) for s in SIDES},
+        "zones": {s: {z: values(q.zones[s][z]) for z in ZONES} for s in SIDES},
+        "bands": {s: {b: values(q.bands[s][b]) for b in BANDS} for s in SIDES},
     }
 
 
-def check_with_tools(path: Path, expected_texts: list[str]) -> None:
-    """dciodvfy finds no error; dsrdump shows the finding and the disclaimer."""
+def expected_readback(verdict: SeriesVerdict) -> dict[str, Any]:
+    a = verdict.assessment
+    return {
+        "analysed": verdict.analysed,
+        "finding": verdict.finding,
+        "probabilities": {
+            c: round(p, 5) for c, p in zip(verdict.classes, verdict.probabilities, strict=False)
+        },
+        "slices_analysed": verdict.slices_analysed if verdict.analysed else None,
+        "slices_total": verdict.slices_total,
+        "series_score": None if verdict.series_score is None else round(verdict.series_score, 5),
+        "reason": verdict.reason,
+        "category": None if a is None else a.category,
+        "pneumonia": None if a is None else a.pneumonia,
+        "covid_likelihood": None if a is None else a.covid_likelihood,
+        "quantification": expected_quantification(verdict.quantification),
+        "key_slices": [
+            {"sop_instance_uid": s.sop_instance_uid, "po": round(s.positive_score, 2)}
+            for s in verdict.key_slices
+        ],
+        "top_slice_uids": [s.sop_instance_uid for s in verdict.top_slices],
+        "analysis_version": verdict.analysis_version,
+        "coverage": list(verdict.coverage),
+        "assessment_reasons": [] if a is None else list(a.reasons),
+        "model": {
+            "name": verdict.algorithm.name,
+            "version": verdict.algorithm.version,
+            "sha256": verdict.algorithm.sha256,
+        },
+    }
+
+
+def check_with_tools(path: Path, expected_texts: list[str]) -> str:
+    """dciodvfy finds no error; dsrdump shows the texts and the disclaimer.  Returns the dump."""
     result = subprocess.run(
         [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
     )
@@ -110,6 +233,15 @@ def check_with_tools(path: Path, expected_texts: list[str]) -> None:
     ).stdout
     for text in [*expected_texts, "not a diagnosis"]:
         assert text in dump, dump
+    return dump
+
+
+def measurement_group(ds: Dataset) -> MeasurementsAndQualitativeEvaluations:
+    report = Comprehensive3DSR.from_dataset(ds).content
+    assert isinstance(report, MeasurementReport)
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == 1
+    return groups[0]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -122,16 +254,73 @@ def test_report_validates_and_reads_back(case: str, headers: list[Dataset], tmp_
 
     check_with_tools(path, texts)
     ds = pydicom.dcmread(path)
-    readback = verdict_from_report(ds)
-    assert readback.pop("covid_19") == texts[1]
-    assert readback == expected_readback(verdict)
+    assert verdict_from_report(ds) == expected_readback(verdict)
+    group = measurement_group(ds)
+    assert [s.referenced_sop_instance_uid for s in group.source_images] == [
+        s.sop_instance_uid for s in verdict.key_slices
+    ]
     assert ds.StudyInstanceUID == headers[0].StudyInstanceUID
     assert ds.PatientID == headers[0].PatientID
     assert ds.SeriesInstanceUID != headers[0].SeriesInstanceUID
     assert ds.VerificationFlag == "UNVERIFIED"
     assert ds.CompletionFlag == "COMPLETE"
     assert ds.SeriesNumber == 9901
+    assert (ds.SeriesDate, ds.SeriesTime) == (ds.ContentDate, ds.ContentTime)
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_the_node_no_longer_claims_covid_presence(headers: list[Dataset]) -> None:
+    """The old "COVID-19 = Present/Absent" evaluation is gone; the CNN's outputs say CNN."""
+    group = measurement_group(build_report(make_verdict(headers), headers))
+
+    names = [e.name.meaning for e in group.get_qualitative_evaluations()]
+    assert "COVID-19" not in names
+    assert names[-1] == "CNN class"
+    cnn = [m.name.meaning for m in group.get_measurements() if "CNN" in m.name.meaning]
+    assert cnn == [
+        "CNN probability of COVID-19",
+        "CNN probability of non-COVID",
+        "CNN series score",
+        "Number of slices classified by the CNN",
+    ]
+
+
+def test_counts_are_integers(headers: list[Dataset]) -> None:
+    """Slice counts are written "74", not "74.0", and read back as int."""
+    sr = build_report(make_verdict(headers), headers)
+
+    for name in (SLICES_ANALYSED, SLICES_IN_SERIES):
+        (count,) = find_content_items(sr, name=name, recursive=True)
+        value = count.MeasuredValueSequence[0]
+        assert str(value.NumericValue).isdigit(), value.NumericValue
+        assert "FloatingPointValue" not in value
+    readback = verdict_from_report(sr)
+    assert type(readback["slices_total"]) is int and type(readback["slices_analysed"]) is int
+
+
+def test_analysed_series_round_trips_through_the_sr(
+    headers: list[Dataset], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A real verdict (node.pipeline.analyse_files on P001, tiny model) survives the SR."""
+    from node.config import Settings
+    from node.infer import load_model
+    from node.pipeline import analyse_files
+
+    settings = Settings.model_validate(
+        {"model_dir": str(tiny_model_dir), "results": {"send_to": None}}
+    )
+    verdict, evidence = analyse_files(
+        sorted(SERIES_DIR.glob("*.dcm")), load_model(tiny_model_dir), settings
+    )
+    assert verdict.analysed and verdict.quantification and verdict.assessment, verdict.reason
+    path = tmp_path / "sr.dcm"
+
+    write_report(build_report(verdict, evidence), path)
+
+    check_with_tools(path, ["Percentage of opacity", verdict.assessment.text])
+    readback = verdict_from_report(pydicom.dcmread(path))
+    assert readback == expected_readback(verdict)
+    assert readback["key_slices"] and readback["top_slice_uids"]
 
 
 def test_result_uids_are_derived_from_the_input() -> None:
@@ -175,7 +364,7 @@ def test_new_version_links_its_predecessor(headers: list[Dataset], tmp_path: Pat
         path,
     )
 
-    check_with_tools(path, ["Not COVID-19"])
+    check_with_tools(path, ["No significant lung opacity"])
     ds = pydicom.dcmread(path)
     study = ds.PredecessorDocumentsSequence[0]
     assert study.StudyInstanceUID == old.StudyInstanceUID
@@ -183,7 +372,7 @@ def test_new_version_links_its_predecessor(headers: list[Dataset], tmp_path: Pat
     assert series.SeriesInstanceUID == old.SeriesInstanceUID
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
     assert ds.SOPInstanceUID != old.SOPInstanceUID
-    assert verdict_from_report(ds)["finding"] == "non-COVID"
+    assert verdict_from_report(ds)["category"] == "negative"
 
 
 def test_unknown_class_is_refused(headers: list[Dataset]) -> None:
