@@ -230,10 +230,12 @@ def slice_aucs(listing: Path, data: Path) -> dict[str, Any]:
         q = quantify(segment(volume, geometry, padding_hu=padding))
         y = np.array([m == "1" for m in marks], dtype=int)
         auc = _auc(y, np.array(q.slice_po))
+        auc_ml = _auc(y, np.array(q.slice_opacity_ml))
         out[row["patient_id"]] = {
             "slices": len(y),
             "marked_infected": int(y.sum()),
             "auc": None if auc is None else round(auc, 3),
+            "auc_opacity_ml": None if auc_ml is None else round(auc_ml, 3),
             # adjacent slices are correlated: a block bootstrap over runs of 4 slices
             "ci95": auc_ci95(y, np.array(q.slice_po), [str(i // 4) for i in range(len(y))]),
         }
@@ -379,7 +381,8 @@ def analysis_card(report: dict[str, Any]) -> str:
     for pid, entry in report["slice_auc_within_patient"].items():
         lines.append(
             f"- {pid}: {entry['auc']} (95% CI {entry['ci95']}, {entry['marked_infected']} of "
-            f"{entry['slices']} slices marked)"
+            f"{entry['slices']} slices marked); slice opacity volume (mL) instead of PO: "
+            f"{entry['auc_opacity_ml']}"
         )
     return "\n".join(lines) + "\n"
 
