@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from node.assess import CATEGORIES, NEGATIVE
 from node.db import Job, Series
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,19 @@ DELIVERY_FAILURES = Counter(
 )
 
 
-class StateCollector(Collector):
-    """Gauges read from the database: series/jobs by state, verdicts per model version."""
+#: Categories that flag a series for reading first (pneumonia-range opacity).
+FLAGGED = tuple(c for c in CATEGORIES if c != NEGATIVE)
 
-    def __init__(self, sessions: sessionmaker[Any], positive_class: str, model: tuple[str, str]):
+
+class StateCollector(Collector):
+    """Gauges read from the database: series/jobs by state, verdicts per model version.
+
+    The job row's ``finding`` is the series' category (``node.assess``); the positive rate is
+    the share of analysed series flagged (``FLAGGED``).
+    """
+
+    def __init__(self, sessions: sessionmaker[Any], model: tuple[str, str]):
         self.sessions = sessions
-        self.positive_class = positive_class
         self.model = model
 
     def collect(self) -> Iterator[Metric]:
@@ -85,12 +93,13 @@ class StateCollector(Collector):
         yield by_job
         analysed = GaugeMetricFamily(
             "triage_series_analysed",
-            "Series versions analysed, by model and finding",
+            "Series versions analysed, by model and finding (the category)",
             labels=["model_name", "model_version", "finding"],
         )
         rate = GaugeMetricFamily(
             "triage_positive_rate",
-            f"Fraction of analysed series found {self.positive_class!r}, by model version",
+            "Fraction of analysed series flagged for reading first (category "
+            f"{', '.join(FLAGGED)}), by model version",
             labels=["model_name", "model_version"],
         )
         totals: dict[tuple[str, str], list[int]] = {}
@@ -98,7 +107,7 @@ class StateCollector(Collector):
             analysed.add_metric([name, version, finding], count)
             entry = totals.setdefault((name, version), [0, 0])
             entry[0] += count
-            entry[1] += count if finding == self.positive_class else 0
+            entry[1] += count if finding in FLAGGED else 0
         for (name, version), (total, positive) in sorted(totals.items()):
             rate.add_metric([name, version], positive / total)
         yield analysed

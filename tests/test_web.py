@@ -1,5 +1,7 @@
-"""Web console over HTTP, in-process: config guard, basic auth, /metrics, dashboard actions,
-/classify messages and limits, and the series SR download equal to the offline classify.
+"""Web console over HTTP, in-process: config guard, basic auth, /metrics, dashboard (category,
+PO, model notice) and its actions, /classify messages and limits, and a real series zip: its
+category, PO/PHO table, key slices drawn with lung outlines and opacity map, and SR download equal
+to the offline classify.
 
 The console runs as in the node (``start_web`` on a real socket, uvicorn in a thread) over a real
 SQLite database; requests go over loopback with ``requests``.
@@ -7,29 +9,39 @@ SQLite database; requests go over loopback with ``requests``.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import html
 import io
+import json
+import re
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import requests
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.assess import CATEGORY_TEXT
 from node.classify import classify_paths
 from node.config import Settings, load_settings
 from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
 from node.errors import ConfigError
 from node.infer import load_model
+from node.model_spec import SPEC_FILE
 from node.pipeline import Context
 from node.report import verdict_from_report
 from node.service import open_state
 from node.web.classify import UploadError, extract_zip
+from node.web.render import LEFT_LUNG_RGB, RIGHT_LUNG_RGB
 from node.web.server import WebServer, start_web
-from tests.peers import TCIA_SIEMENS_B40F, free_port, require_shared_data, series_files
+from tests.peers import CTMD_COVID, free_port, require_shared_data, series_files
 
 Console = tuple[Context, str]
 
@@ -48,14 +60,28 @@ def make_settings(tmp_path: Path, model_dir: Path, **web: Any) -> Settings:
     )
 
 
+NOTICE = "tiny untrained test model: validated on nothing, do not rely on it."
+MODEL_TAG = "tiny-test-model 0.0.1"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny test model with a notice in its model.json, as an exported model has."""
+    target = tmp_path_factory.mktemp("noticed") / "model"
+    shutil.copytree(tiny_model_dir, target)
+    spec = json.loads((target / SPEC_FILE).read_text())
+    (target / SPEC_FILE).write_text(json.dumps({**spec, "notice": NOTICE}))
+    return target
+
+
 @pytest.fixture
-def console_factory(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Callable[..., Console]]:
+def console_factory(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Console]]:
     """`console_factory(**web settings) -> (ctx, base url)`; servers stop at teardown."""
     servers: list[WebServer] = []
-    model = load_model(tiny_model_dir)
+    model = load_model(model_dir)
 
     def factory(**web: Any) -> Console:
-        settings = make_settings(tmp_path / f"node{len(servers)}", tiny_model_dir, **web)
+        settings = make_settings(tmp_path / f"node{len(servers)}", model_dir, **web)
         sessions, spool = open_state(settings)
         ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
         server = start_web(ctx)
@@ -112,22 +138,56 @@ def seed_series(
         return series.id, job_id
 
 
+def stored_verdict(category: str, po: float, cnn: str, score: float) -> str:
+    """A job row's verdict JSON, in the fields the dashboard reads (``SeriesVerdict.as_json``)."""
+    return json.dumps(
+        {
+            "analysed": True,
+            "finding": cnn,
+            "probabilities": {"non-COVID": round(1 - score, 2), "COVID-19": score},
+            "series_score": score,
+            "reason": "",
+            "category": category,
+            "assessment": {"category": category, "pneumonia": category != "negative"},
+            "quantification": {"total": {"volume_ml": 5200.0, "po": po, "pho": po / 4}},
+        }
+    )
+
+
 DONE_POSITIVE = {
     "state": JobState.DONE,
     "stage": JobStage.DELIVER,
     "analysed": 1,
-    "finding": "COVID-19",
+    "finding": "typical",
     "series_score": 0.81,
-    "verdict_json": '{"probabilities": {"non-COVID": 0.19, "COVID-19": 0.81}, "reason": ""}',
+    "verdict_json": stored_verdict("typical", 12.345, "COVID-19", 0.81),
     "model_name": "tiny-test-model",
     "model_version": "0.0.1",
 }
-DONE_NEGATIVE = {**DONE_POSITIVE, "finding": "non-COVID", "series_score": 0.2}
+DONE_NEGATIVE = {
+    **DONE_POSITIVE,
+    "finding": "negative",
+    "series_score": 0.2,
+    "verdict_json": stored_verdict("negative", 0.104, "non-COVID", 0.2),
+}
+NOT_ANALYSED = {
+    **DONE_POSITIVE,
+    "analysed": 0,
+    "finding": "not analysed",
+    "series_score": None,
+    "verdict_json": json.dumps(
+        {
+            "analysed": False,
+            "reason": "no lungs found: 3 mL of lung in view",
+            "category": "not analysed",
+        }
+    ),
+}
 DEAD_LETTER = {
     "state": JobState.FAILED,
     "stage": JobStage.DELIVER,
     "analysed": 1,
-    "finding": "COVID-19",
+    "finding": "atypical",
     "attempts": 8,
     "last_error": "delivery failed 8 times, last: association rejected",
     "model_name": "tiny-test-model",
@@ -179,7 +239,7 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def test_metrics_parse_with_states_and_positive_rate(
+def test_metrics_parse_with_states_and_flagged_rate(
     console_factory: Callable[..., Console],
 ) -> None:
     ctx, url = console_factory()
@@ -199,8 +259,10 @@ def test_metrics_parse_with_states_and_positive_rate(
     assert samples[("triage_jobs", (("stage", "deliver"), ("state", "done")))] == 2
     assert samples[("triage_jobs", (("stage", "deliver"), ("state", "failed")))] == 1
     model = (("model_name", "tiny-test-model"), ("model_version", "0.0.1"))
+    # flagged for reading first: typical and atypical, not negative
     assert samples[("triage_positive_rate", model)] == pytest.approx(2 / 3)
-    assert samples[("triage_series_analysed", (("finding", "COVID-19"), *model))] == 2
+    for category in ("typical", "atypical", "negative"):
+        assert samples[("triage_series_analysed", (("finding", category), *model))] == 1
     for outcome in ("stored", "duplicate", "refused"):
         assert ("triage_instances_received_total", (("outcome", outcome),)) in samples
     assert ("triage_analysis_seconds_count", ()) in samples
@@ -215,9 +277,30 @@ def test_dashboard_rows_retry_and_rerun(console_factory: Callable[..., Console])
     delivered_id, _ = seed_series(ctx, "1.2.3.10", job=DONE_POSITIVE)
     _, dead_job = seed_series(ctx, "1.2.3.11", job=DEAD_LETTER)
     seed_series(ctx, "1.2.3.12", state=SeriesState.REJECTED, reason="modality: 'MR' not in ['CT']")
+    seed_series(ctx, "1.2.3.13", job=DONE_NEGATIVE)
+    seed_series(ctx, "1.2.3.14", job=NOT_ANALYSED)
 
     page = requests.get(url + "/", timeout=10).text
-    assert "delivered" in page and "COVID-19" in page and "0.81" in page
+    assert NOTICE in page  # the model notice, once on the page
+    verdicts = verdict_cells(page)
+    assert verdicts["1.2.3.10"] == (
+        "flagged typical",
+        f"{CATEGORY_TEXT['typical']} PO 12.35 % CNN COVID-19 · score 0.81 · {MODEL_TAG}",
+    )
+    assert verdicts["1.2.3.11"][0] == "flagged atypical"  # a dead letter keeps its category
+    assert CATEGORY_TEXT["atypical"] in verdicts["1.2.3.11"][1]
+    assert verdicts["1.2.3.13"][0] == "neutral negative"
+    assert verdicts["1.2.3.13"][1].startswith(f"{CATEGORY_TEXT['negative']} PO 0.10 %")
+    assert verdicts["1.2.3.14"] == (
+        "not-analysed not analysed",
+        "not analysed no lungs found: 3 mL of lung in view",
+    )
+    assert verdicts["1.2.3.12"] == ("", "-")  # rejected: no job, no verdict
+    assert (
+        'id="flagged-count" title="category typical, indeterminate or atypical">read first <b>2'
+        in page
+    )
+    assert "delivered" in page
     assert "association rejected" in page  # the dead letter's error
     assert "modality: &#39;MR&#39; not in" in page  # the rejection reason
     assert "2020-04-01" in page and "ORTHANC" in page and "Thorax 1.0 B40f" in page
@@ -226,6 +309,8 @@ def test_dashboard_rows_retry_and_rerun(console_factory: Callable[..., Console])
         r["series_instance_uid"]: r for r in requests.get(url + "/api/series", timeout=10).json()
     }
     assert rows["1.2.3.10"]["turnaround_s"] == pytest.approx(40, abs=5)
+    assert (rows["1.2.3.10"]["category"], rows["1.2.3.10"]["po"]) == ("typical", 12.345)
+    assert rows["1.2.3.14"]["reason"] == "no lungs found: 3 mL of lung in view"
 
     # retry the dead letter: the job is queued again at its stage
     back = requests.post(url + f"/jobs/{dead_job}/retry", timeout=10)
@@ -253,6 +338,20 @@ def test_dashboard_rows_retry_and_rerun(console_factory: Callable[..., Console])
         url + f"/series/{delivered_id}/rerun", headers={"Origin": "http://evil.example"}, timeout=10
     )
     assert forged.status_code == 403
+
+
+def verdict_cells(page: str) -> dict[str, tuple[str, str]]:
+    """Series UID -> (classes of its category badge, the verdict cell's text, spaces collapsed)."""
+    out = {}
+    for uid, cell in re.findall(
+        r'<tr class="row" data-series-uid="([^"]+)".*?<td class="verdict-cell">(.*?)</td>',
+        page,
+        re.S,
+    ):
+        badge = re.search(r'<span class="category ([^"]*)" data-category="([^"]*)"', cell)
+        text = " ".join(re.sub(r"<[^>]+>", " ", cell).split())
+        out[uid] = (f"{badge[1]} {badge[2]}" if badge else "", text)
+    return out
 
 
 # --- classify ------------------------------------------------------------------------------------
@@ -294,30 +393,101 @@ def test_classify_refuses_unsupported_and_oversized(
         extract_zip(bomb, tmp_path / "out", max_bytes=1_000_000)
 
 
+def data_uri_image(uri: str) -> Image.Image:
+    head, _, data = uri.partition(",")
+    assert head == "data:image/png;base64", head
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def region_table(page: str) -> dict[str, list[float]]:
+    """Row label -> [left mL, PO, PHO, right mL, PO, PHO, both mL, PO, PHO] of the PO table."""
+    table = page.split('<table class="regions" id="regions">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r'data-region="([^"]+)"><th>[^<]*</th>(.*?)</tr>', table, re.S)
+    return {label: [float(v) for v in re.findall(r"<td[^>]*>([^<]+)</td>", r)] for label, r in rows}
+
+
 def test_classify_series_zip_gives_the_node_verdict_and_sr(
-    console_factory: Callable[..., Console], tmp_path: Path, tiny_model_dir: Path
+    console_factory: Callable[..., Console], tmp_path: Path, model_dir: Path
 ) -> None:
-    require_shared_data(TCIA_SIEMENS_B40F)
+    require_shared_data(CTMD_COVID)
     ctx, url = console_factory()
-    files = series_files(TCIA_SIEMENS_B40F)
+    files = series_files(CTMD_COVID)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for f in files:
-            archive.write(f, f"series/{f.name}")
-    response = upload(url, "b40f.zip", buffer.getvalue())
+            archive.write(f, f"P001/{f.name}")
+    response = upload(url, "P001.zip", buffer.getvalue())
     assert response.status_code == 200, response.text[-2000:]
     page = response.text
-    assert 'class="curve"' in page
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
-    assert str(source.PatientName) not in page
+    for identifying in ("PatientName", "PatientID", "PatientBirthDate"):
+        if source.get(identifying):
+            assert str(source.get(identifying)) not in page, identifying
+    offline: dict[str, Any] = classify_paths([CTMD_COVID], ctx.settings, model_dir)[0]
+    assessment, q = offline["assessment"], offline["quantification"]
 
+    # the category in the RSNA wording, the flag, the likelihood, beside the model notice
+    category = offline["category"]
+    assert f'id="category" data-category="{category}">{CATEGORY_TEXT[category]}</span>' in page
+    flag = "present: read this series first" if assessment["pneumonia"] else "absent"
+    assert f'<dd id="pneumonia">{flag}</dd>' in page
+    assert f'<dd id="likelihood">{assessment["covid_likelihood"]} ' in page
+    assert page.count(NOTICE) == 2  # beside the category and beside the CNN's verdict
+    thresholds = " ".join(page.split('id="thresholds">', 1)[1].split("</p>", 1)[0].split())
+    thresholds = html.unescape(thresholds)
+    po_threshold = ctx.model.spec.analysis.po_threshold
+    assert f"PO of at least {po_threshold:g} % (model.json <code>analysis.po_threshold</code>)" in (
+        thresholds
+    )
+    assert "shown for reference only" in thresholds and offline["rule"] in thresholds
+
+    # the PO table: left, right, both lungs; zones; bands (the verdict's numbers, 2 decimals)
+    table = region_table(page)
+    assert list(table) == ["whole lung", "upper", "middle", "lower", "peripheral", "central"]
+    expected = {
+        "whole lung": [q["lungs"]["left"], q["lungs"]["right"], q["total"]],
+        "upper": [q["zones"]["left"]["upper"], q["zones"]["right"]["upper"], None],
+        "peripheral": [q["bands"]["left"]["peripheral"], q["bands"]["right"]["peripheral"], None],
+    }
+    for label, regions in expected.items():
+        for k, region in enumerate(regions):
+            if region is None:  # both lungs: the sum of the two
+                volume = table[label][0] + table[label][3]
+                assert table[label][6] == pytest.approx(volume, abs=1.0)
+                continue
+            got = table[label][3 * k : 3 * k + 3]
+            assert got == pytest.approx([region["volume_ml"], region["po"], region["pho"]], abs=0.6)
+            assert got[1:] == pytest.approx([region["po"], region["pho"]], abs=0.006)
+    assert sum(table[z][6] for z in ("upper", "middle", "lower")) == pytest.approx(
+        table["whole lung"][6], abs=2.0
+    )
+    for caveat in offline["coverage"] or ["no coverage caveats"]:
+        assert caveat in page
+
+    # key slices: the lung window with both outlines and the red opacity map drawn over
+    overlays = re.findall(r'<img class="overlay" src="([^"]+)" alt="key slice (\d)">', page)
+    assert [int(rank) for _, rank in overlays] == list(range(1, len(offline["key_slices"]) + 1))
+    assert overlays, "P001 has opacity: at least one key slice"
+    outlined = dict.fromkeys((LEFT_LUNG_RGB, RIGHT_LUNG_RGB), 0)
+    for (uri, _), key in zip(overlays, offline["key_slices"], strict=True):
+        assert f"slice PO {key['po']:.1f} %" in page
+        pixels = np.asarray(data_uri_image(uri).convert("RGB")).astype(int)
+        assert pixels.shape[:2] == (source.Rows, source.Columns)
+        for colour in outlined:
+            outlined[colour] += int((pixels == colour).all(axis=2).sum())
+        red = (pixels[..., 0] > pixels[..., 1] + 60) & (pixels[..., 0] > pixels[..., 2] + 60)
+        assert red.sum() > 0, "a key slice has opacity: drawn in red"
+    assert min(outlined.values()) > 500, outlined  # both lungs outlined, each in its colour
+
+    # the CNN, for reference: its curve over every slice, and the SR equal to the offline run
+    assert 'aria-label="CNN COVID-19 score per slice"' in page
+    assert page.count('<circle cx="') == len(files)
     link = page.split('id="sr-download" href="', 1)[1].split('"', 1)[0]
     sr_bytes = requests.get(url + link, timeout=30).content
     sr = pydicom.dcmread(io.BytesIO(sr_bytes))
     from_console = verdict_from_report(sr)
-    offline: dict[str, Any] = classify_paths([TCIA_SIEMENS_B40F], ctx.settings, tiny_model_dir)[0]
+    assert f'id="cnn-finding">{offline["finding"]}</span>' in page
     assert from_console["finding"] == offline["finding"]
     assert from_console["slices_analysed"] == offline["slices_analysed"]
-    assert page.count('alt="slice ') == len(offline["top_slices"])
     for name, value in offline["probabilities"].items():
         assert any(abs(v - value) < 1e-5 for v in from_console["probabilities"].values()), name

@@ -2,21 +2,25 @@
 as a separate process with Orthanc as the PACS.
 
 The dashboard is opened before a real series is sent to Orthanc and, without reloading, must show
-it arrive and reach "delivered"; /classify gets a real slice, a real DICOM file and a real series
-zip; /metrics of the same node is parsed with prometheus_client.  Screenshots go to
-tests/output/screenshots/; with UPDATE_SCREENSHOTS=1 they are also copied to docs/screenshots/.
+it arrive and reach "delivered" with its category and PO (a COVID-19 series follows it);
+/classify gets a real slice, a real DICOM file and a real series zip (category, PO table, key
+slices with lung outlines and opacity map, the CNN's curve); /metrics of the same node is parsed
+with prometheus_client.  Screenshots go to tests/output/screenshots/; with UPDATE_SCREENSHOTS=1
+they are also copied to docs/screenshots/.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ import requests
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.assess import CATEGORY_TEXT
+from node.model_spec import SPEC_FILE
 from node.report import verdict_from_report
 from tests.nodeproc import REPO, NodeProcess, node_config
 from tests.peers import (
@@ -74,12 +80,18 @@ class WebNode:
     orthanc: Orthanc
     node: NodeProcess
     url: str
-    sent: bool = False
+    sent: list[Path] = field(default_factory=list)  # series folders sent to Orthanc, in order
+
+
+NOTICE = "tiny untrained test model: its scores mean nothing; do not rely on this verdict."
 
 
 def model_with_card(source: Path, target: Path) -> Path:
-    """A copy of the tiny test model with a model card and a figure, as an exported model has."""
+    """A copy of the tiny test model with a notice, a model card and a figure, as an exported
+    model has."""
     shutil.copytree(source, target)
+    spec = json.loads((target / SPEC_FILE).read_text())
+    (target / SPEC_FILE).write_text(json.dumps({**spec, "notice": NOTICE}, indent=2))
     (target / "MODEL_CARD.md").write_text(
         "# Model card: tiny-test-model 0.0.1\n\n"
         "## Intended use\nTests of the node only: a tiny fixed-weight CNN, **not trained**.\n\n"
@@ -153,6 +165,10 @@ def series_state(web: WebNode, series_uid: str) -> str | None:
     return next((r["state"] for r in rows if r["series_instance_uid"] == series_uid), None)
 
 
+def is_delivered(web: WebNode, series_uid: str) -> bool:
+    return series_state(web, series_uid) == "delivered"
+
+
 def test_dashboard_shows_a_series_from_orthanc_reach_delivered(
     web_node: WebNode, page: Any
 ) -> None:
@@ -161,8 +177,7 @@ def test_dashboard_shows_a_series_from_orthanc_reach_delivered(
     page.goto(web_node.url + "/?refresh=1")
     page.wait_for_selector("#no-series")
 
-    storescu(files, port=web_node.orthanc.dicom_port, aec=web_node.orthanc.aet, aet="STORESCU")
-    web_node.sent = True
+    send(web_node, TCIA_SIEMENS_B40F)
     row = f'tr.row[data-series-uid="{source.SeriesInstanceUID}"]'
     seen: list[str] = []
     deadline = time.monotonic() + 180
@@ -183,9 +198,20 @@ def test_dashboard_shows_a_series_from_orthanc_reach_delivered(
     assert study_date == f"{source.StudyDate[:4]}-{source.StudyDate[4:6]}-{source.StudyDate[6:]}"
     assert " ".join(str(source.SeriesDescription).split()) in series  # HTML collapses spaces
     assert slices == str(len(files)) and sender == "ORTHANC" and state.startswith("delivered")
-    assert "non-COVID" in verdict and "COVID-19" in verdict  # finding and both probabilities
+    assert "CNN " in verdict  # the CNN's class and score, for reference
     assert turnaround.endswith(" s") or turnaround.endswith(" min")
-    assert page.query_selector("li.state.delivered b").inner_text() == "1"
+    assert NOTICE in page.inner_text("#model-notice")
+    flagged = verdict_flagged(page, row)
+
+    # a COVID-19 series (COVID-CT-MD P001) after it: the newest row, its own category
+    covid = series_uid(CTMD_COVID)
+    send(web_node, CTMD_COVID)
+    wait_for(partial(is_delivered, web_node, covid), 180, 0.5, "P001 delivered")
+    covid_row = f'tr.row[data-series-uid="{covid}"]'
+    page.wait_for_selector(f'{covid_row}[data-state="delivered"]')
+    flagged += verdict_flagged(page, covid_row)
+    assert page.query_selector("li.state.delivered b").inner_text() == "2"
+    assert page.query_selector("#flagged-count b").inner_text() == str(flagged)
     content = page.content()
     for identifying in (source.get("PatientName"), source.get("PatientBirthDate")):
         if identifying:
@@ -193,13 +219,31 @@ def test_dashboard_shows_a_series_from_orthanc_reach_delivered(
     screenshot(page, "dashboard")
 
 
+def send(web: WebNode, folder: Path) -> None:
+    storescu(series_files(folder), port=web.orthanc.dicom_port, aec=web.orthanc.aet, aet="STORESCU")
+    web.sent.append(folder)
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(series_files(folder)[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def verdict_flagged(page: Any, row: str) -> int:
+    """Check a row's verdict cell (category in the RSNA wording, its colour, PO); 1 if flagged."""
+    badge = page.query_selector(f"{row} td.verdict-cell .category")
+    category = badge.get_attribute("data-category")
+    assert badge.inner_text() == CATEGORY_TEXT[category]
+    flagged = category != "negative"  # typical, indeterminate, atypical: read first
+    assert ("flagged" if flagged else "neutral") in badge.get_attribute("class").split()
+    assert page.query_selector(f"{row} td.verdict-cell .po").inner_text().startswith("PO ")
+    return int(flagged)
+
+
 def test_metrics_of_the_running_node(web_node: WebNode) -> None:
-    files = series_files(TCIA_SIEMENS_B40F)
-    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    if not web_node.sent:  # run on its own: send the series here
-        storescu(files, port=web_node.orthanc.dicom_port, aec=web_node.orthanc.aet, aet="STORESCU")
-        web_node.sent = True
-    wait_for(lambda: series_state(web_node, uid) == "delivered", 180, 0.5, "delivered")
+    if not web_node.sent:  # run on its own: send a series here
+        send(web_node, TCIA_SIEMENS_B40F)
+    for uid in [series_uid(folder) for folder in web_node.sent]:
+        wait_for(partial(is_delivered, web_node, uid), 180, 0.5, f"{uid} delivered")
 
     text = requests.get(web_node.url + "/metrics", timeout=10).text
     samples = {
@@ -207,13 +251,22 @@ def test_metrics_of_the_running_node(web_node: WebNode) -> None:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    assert samples[("triage_instances_received_total", (("outcome", "stored"),))] == len(files)
-    assert samples[("triage_series", (("state", "complete"),))] == 1
-    assert samples[("triage_jobs", (("stage", "deliver"), ("state", "done")))] == 1
-    assert samples[("triage_analysis_seconds_count", ())] == 1
+    sent = len(web_node.sent)
+    instances = sum(len(series_files(folder)) for folder in web_node.sent)
+    assert samples[("triage_instances_received_total", (("outcome", "stored"),))] == instances
+    assert samples[("triage_series", (("state", "complete"),))] == sent
+    assert samples[("triage_jobs", (("stage", "deliver"), ("state", "done")))] == sent
+    assert samples[("triage_analysis_seconds_count", ())] == sent
     assert samples[("triage_delivery_failures_total", ())] == 0
     model = (("model_name", "tiny-test-model"), ("model_version", "0.0.1"))
-    assert samples[("triage_positive_rate", model)] in (0.0, 1.0)
+    analysed = {
+        dict(labels)["finding"]: value
+        for (name, labels), value in samples.items()
+        if name == "triage_series_analysed"
+    }
+    assert set(analysed) <= set(CATEGORY_TEXT) and sum(analysed.values()) == sent
+    flagged = sent - analysed.get("negative", 0)
+    assert samples[("triage_positive_rate", model)] == pytest.approx(flagged / sent)
     assert samples[("triage_model_loaded", model)] == 1
 
 
@@ -243,6 +296,7 @@ def test_classify_a_slice_image_and_a_dicom_file(web_node: WebNode, page: Any) -
     assert set(probabilities) == {"non-COVID", "COVID-19"}
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
     assert page.inner_text("#finding") in probabilities
+    assert NOTICE in page.inner_text(".slice-result .model-notice")  # beside the CNN's verdict
     assert page.eval_on_selector("img.slice", "img => img.naturalWidth") > 0
     screenshot(page, "classify_slice")
 
@@ -270,14 +324,40 @@ def test_classify_a_series_zip(web_node: WebNode, page: Any, tmp_path: Path) -> 
             zf.write(f, f"P001/{f.name}")
     classify_in_page(page, web_node.url, archive)
 
-    result = page.query_selector(".series-result")
-    assert result is not None
-    finding = page.inner_text("#finding")
-    assert set(bar_values(page, ".series-result")) == {"non-COVID", "COVID-19"}
-    assert len(page.query_selector_all("svg.curve circle")) == len(files)  # one point per slice
-    thumbs = page.query_selector_all("ol.thumbs img")
-    assert len(thumbs) == 5
-    assert all(t.evaluate("img => img.naturalWidth") > 0 for t in thumbs)
+    # the category from the opacity analysis, with the flag, likelihood and the model notice
+    category = page.get_attribute("#category", "data-category")
+    assert page.inner_text("#category") == CATEGORY_TEXT[category]
+    assert page.inner_text("#pneumonia").startswith(
+        "present" if category != "negative" else "absent"
+    )
+    assert page.inner_text("#likelihood").split()[0] in ("high", "intermediate", "low")
+    assert NOTICE in page.inner_text(".assessment .model-notice")
+    assert "analysis.po_threshold" in page.inner_text("#thresholds")
+
+    # the PO table: left, right, both for whole lungs, three zones and two bands
+    rows = page.query_selector_all("#regions tbody tr")
+    assert [r.get_attribute("data-region") for r in rows] == [
+        "whole lung",
+        "upper",
+        "middle",
+        "lower",
+        "peripheral",
+        "central",
+    ]
+    assert all(len(r.query_selector_all("td")) == 9 for r in rows)
+    both_po = float(rows[0].query_selector_all("td.po")[2].inner_text())
+    assert f"PO {both_po:.2f} %" in page.inner_text("#po-total")
+
+    # key slices: the lung window with both lungs outlined and the opacity in red, all loaded
+    overlays = page.query_selector_all("ol.key-slices img.overlay")
+    assert 1 <= len(overlays) <= 3
+    assert all(img.evaluate("img => img.naturalWidth") == 512 for img in overlays)
+
+    # the CNN, for reference only: its verdict, bars, notice and one point per slice
+    cnn = page.query_selector("section.cnn")
+    assert set(bar_values(page, "section.cnn")) == {"non-COVID", "COVID-19"}
+    assert NOTICE in cnn.inner_text()
+    assert len(page.query_selector_all("svg.curve circle")) == len(files)
     screenshot(page, "classify_series")
 
     href = page.get_attribute("#sr-download", "href")
@@ -285,7 +365,7 @@ def test_classify_a_series_zip(web_node: WebNode, page: Any, tmp_path: Path) -> 
     assert response.ok and response.headers["content-type"] == "application/dicom"
     sr = verdict_from_report(pydicom.dcmread(io.BytesIO(response.body())))
     assert sr["analysed"] is True and sr["slices_analysed"] == len(files)
-    assert finding.lower()[:3] == str(sr["finding"]).lower()[:3]
+    assert page.inner_text("#cnn-finding") == sr["finding"]
 
 
 def test_model_page_shows_card_figures_and_spec(web_node: WebNode, page: Any) -> None:

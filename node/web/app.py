@@ -1,6 +1,6 @@
 """Web console, routes: a small server-rendered Starlette app over the node's context.
 
-``/`` dashboard (refreshes itself from ``/partials/series``), ``/classify`` upload and classify,
+``/`` dashboard (refreshes itself from ``/partials/series``), ``/classify`` upload and analyse,
 ``/metrics`` Prometheus text, ``/model`` the loaded model's card and figures.  Optional HTTP
 basic auth guards every route when ``web.password`` is set.
 """
@@ -39,6 +39,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from node import jobs, metrics
+from node.assess import CATEGORY_TEXT
 from node.db import utcnow
 from node.model_spec import SPEC_FILE
 from node.pipeline import Context
@@ -116,6 +117,7 @@ class Console:
         )
         env.globals.update(
             bar_chart=bar_chart,
+            category_text=CATEGORY_TEXT,
             score_curve=score_curve,
             model=ctx.model.spec,
             node=ctx.settings.node,
@@ -123,9 +125,7 @@ class Console:
             states=dashboard.STATES,
         )
         self.collector = metrics.StateCollector(
-            ctx.sessions,
-            ctx.model.spec.positive_class,
-            (ctx.model.spec.name, ctx.model.spec.version),
+            ctx.sessions, (ctx.model.spec.name, ctx.model.spec.version)
         )
 
     # -- dashboard ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Same code as the node: slices go through ``node.preprocess`` and the loaded model; a series goes
 through ``node.pipeline.analyse_files`` (the job's analysis) and ``node.report.build_report``, so
-its verdict and SR equal what the node would send for the same files.  The per-slice curve is
-drawn from a second pass over every slice with the same preprocessing.
+its verdict and SR equal what the node would send for the same files.  For display the series is
+read once more: its key slices are drawn with the lung masks and opacity map
+(``node.web.analysis``) and every slice is scored again for the CNN's per-slice curve.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +29,13 @@ from node.pipeline import Context, analyse_files
 from node.report import build_report, write_report
 from node.series_check import order_and_check, read_headers
 from node.verdict import SeriesVerdict, SliceScore
+from node.web.analysis import KeyView, RegionRow, key_views, read_series, region_rows
 from node.web.render import CurvePoint, png_data_uri
 
 logger = logging.getLogger(__name__)
 
 MAX_ZIP_MEMBERS = 5000
 ZIP_EXPANSION = 4  # a zip may hold up to this many times the upload limit, uncompressed
-THUMB_SIZE = 160
 
 #: One classification at a time: the node's jobs share the two cores and the model.
 MODEL_LOCK = threading.Lock()
@@ -58,19 +59,12 @@ class SliceResult:
 
 
 @dataclass(frozen=True)
-class Thumb:
-    rank: int
-    z: float
-    score: float
-    image: str
-
-
-@dataclass(frozen=True)
 class SeriesResult:
     verdict: SeriesVerdict
     description: str
-    curve: tuple[CurvePoint, ...]
-    thumbs: tuple[Thumb, ...]
+    curve: tuple[CurvePoint, ...]  # the CNN's score per slice
+    key_views: tuple[KeyView, ...]  # the verdict's key slices, outlines and opacity drawn
+    regions: tuple[RegionRow, ...]  # the opacity table (empty when not analysed)
     sr_token: str | None
 
 
@@ -256,7 +250,7 @@ def classify_zip(path: Path, name: str, ctx: Context, store: ReportStore) -> Out
 
 
 def classify_series(paths: list[Path], ctx: Context, store: ReportStore) -> SeriesResult:
-    """The node's analysis of one series, its SR, and the per-slice curve for display."""
+    """The node's analysis of one series, its SR, its key slices drawn and the CNN's curve."""
     verdict, evidence = analyse_files(paths, ctx.model, ctx.settings)
     token = None
     if evidence and verdict.study_instance_uid:
@@ -265,8 +259,22 @@ def classify_series(paths: list[Path], ctx: Context, store: ReportStore) -> Seri
         write_report(sr, sr_path)
         token = store.put(f"SR_{sr.SOPInstanceUID}.dcm", sr_path.read_bytes())
     description = str(evidence[0].get("SeriesDescription", "")) if evidence else ""
-    curve, thumbs = slice_curve(paths, ctx, verdict.top_slices)
-    return SeriesResult(verdict, description, curve, thumbs, token)
+    views: tuple[KeyView, ...] = ()
+    regions: tuple[RegionRow, ...] = ()
+    slices: Iterable[tuple[str, float, np.ndarray]]
+    if verdict.analysed and verdict.quantification is not None:
+        regions = region_rows(verdict.quantification)
+        try:
+            series = read_series(paths, ctx)
+            views = key_views(series, verdict, ctx.model.spec.window.as_window())
+            slices = ((r.sop_instance_uid, r.z, series.hu[i]) for i, r in enumerate(series.slices))
+        except SeriesRejected as exc:  # it was analysed from these files: should not happen
+            logger.warning("series %s: cannot draw it again: %s", verdict.series_instance_uid, exc)
+            slices = _readable_slices(paths, ctx)
+    else:
+        slices = _readable_slices(paths, ctx)
+    curve = slice_curve(slices, ctx, verdict.top_slices)
+    return SeriesResult(verdict, description, curve, views, regions, token)
 
 
 def _body_axis_order(paths: list[Path], ctx: Context) -> list[tuple[Path, str, float]]:
@@ -292,41 +300,36 @@ def _body_axis_order(paths: list[Path], ctx: Context) -> list[tuple[Path, str, f
         return sorted(placed, key=lambda item: item[2])
 
 
-def slice_curve(
-    paths: list[Path], ctx: Context, top: Sequence[SliceScore]
-) -> tuple[tuple[CurvePoint, ...], tuple[Thumb, ...]]:
-    """Score every slice (same preprocessing as the node); thumbnails of the verdict's top slices.
+def _readable_slices(paths: list[Path], ctx: Context) -> Iterator[tuple[str, float, np.ndarray]]:
+    """``(SOP Instance UID, z, HU)`` of every decodable slice, in body-axis order."""
+    for path, uid, z in _body_axis_order(paths, ctx):
+        try:
+            yield uid, z, preprocess.hounsfield(preprocess.read_dicom(path))
+        except InvalidInstance:
+            continue
 
-    The thumbnails carry the verdict's own slice scores; the curve those of this second pass.
+
+def slice_curve(
+    slices: Iterable[tuple[str, float, np.ndarray]], ctx: Context, top: Sequence[SliceScore]
+) -> tuple[CurvePoint, ...]:
+    """The CNN's positive-class score of every slice (same preprocessing as the node).
+
+    The verdict's top slices (``top``, by the CNN) are marked with their rank.
     """
     spec = ctx.model.spec
-    window = spec.window.as_window()
     ranks = {s.sop_instance_uid: i + 1 for i, s in enumerate(top)}
     placed: list[tuple[str, float, bool]] = []
     inputs: list[np.ndarray] = []
-    shown: dict[str, np.ndarray] = {}
-    for path, uid, z in _body_axis_order(paths, ctx):
-        try:
-            hu = preprocess.hounsfield(preprocess.read_dicom(path))
-        except InvalidInstance:
-            continue
+    for uid, z, hu in slices:
         placed.append((uid, z, preprocess.lung_fraction(hu) >= spec.selection.min_lung_fraction))
         inputs.append(spec.hu_to_input(hu))
-        if uid in ranks:
-            shown[uid] = preprocess.apply_window(hu, window)
     if not inputs:
-        return (), ()
+        return ()
     batch = ctx.settings.analysis.batch_size
     scores = np.concatenate(
         [ctx.model.predict(np.stack(inputs[i : i + batch])) for i in range(0, len(inputs), batch)]
     )[:, spec.positive_index]
-    curve = tuple(
+    return tuple(
         CurvePoint(z=z, score=float(s), selected=sel, rank=ranks.get(uid))
         for (uid, z, sel), s in zip(placed, scores, strict=True)
     )
-    thumbs = tuple(
-        Thumb(rank, s.z, s.positive_score, png_data_uri(shown[s.sop_instance_uid], THUMB_SIZE))
-        for rank, s in enumerate(top, start=1)
-        if s.sop_instance_uid in shown
-    )
-    return curve, thumbs

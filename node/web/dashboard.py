@@ -1,7 +1,9 @@
 """Web console, dashboard: what the node holds and does, and the two admin actions.
 
 Rows show descriptive, non-identifying tags only (study date, series description, sender AE,
-UIDs): never patient name, ID or birth date, which the database does not hold anyway.
+UIDs): never patient name, ID or birth date, which the database does not hold anyway.  The
+verdict shown is the category (``node.assess``, the job row's ``finding``) and PO from the stored
+verdict JSON; the CNN's class and score are kept beside it for reference.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from node.assess import CATEGORIES, CATEGORY_TEXT, NEGATIVE
 from node.db import Job, JobStage, JobState, Series, SeriesState, utcnow
 
 logger = logging.getLogger(__name__)
@@ -46,13 +49,25 @@ class SeriesRow:
     detail: str
     last_received_at: dt.datetime
     job_id: int | None = None
-    finding: str = ""
     analysed: bool | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    series_score: float | None = None
+    category: str = ""  # node.assess category; "" when analysed by a node before the analysis
+    po: float | None = None  # PO of both lungs (%)
+    reason: str = ""  # why it was not analysed
+    cnn_finding: str = ""  # the CNN's class, for reference
+    probabilities: dict[str, float] = field(default_factory=dict)  # the CNN's
+    series_score: float | None = None  # the CNN's
     model: str = ""
     turnaround_s: float | None = None
     attempts: int = 0
+
+    @property
+    def category_text(self) -> str:
+        return CATEGORY_TEXT.get(self.category, self.category)
+
+    @property
+    def flagged(self) -> bool:
+        """Pneumonia-range opacity (typical, indeterminate, atypical): read this one first."""
+        return self.category in CATEGORIES and self.category != NEGATIVE
 
     @property
     def can_retry(self) -> bool:
@@ -92,14 +107,15 @@ def _row(series: Series, job: Job | None, now: dt.datetime) -> SeriesRow:
         extra = {
             "job_id": job.id,
             "attempts": job.attempts,
-            "finding": job.finding,
             "analysed": None if job.analysed is None else bool(job.analysed),
+            "category": job.finding if job.finding in CATEGORIES else "",
+            "po": _total_po(verdict),
+            "reason": str(verdict.get("reason") or "") if job.analysed == 0 else "",
+            "cnn_finding": str(verdict.get("finding") or ""),
             "probabilities": dict(verdict.get("probabilities") or {}),
             "series_score": job.series_score,
             "model": f"{job.model_name} {job.model_version}".strip(),
         }
-        if job.analysed == 0 and verdict.get("reason"):
-            detail = f"not analysed: {verdict['reason']}"
         if job.delivered_at is not None:
             extra["turnaround_s"] = (job.delivered_at - series.last_received_at).total_seconds()
     return SeriesRow(
@@ -118,6 +134,13 @@ def _row(series: Series, job: Job | None, now: dt.datetime) -> SeriesRow:
     )
 
 
+def _total_po(verdict: dict[str, Any]) -> float | None:
+    """PO of both lungs from a stored verdict (None: not analysed, or an earlier node's)."""
+    total = (verdict.get("quantification") or {}).get("total") or {}
+    po = total.get("po")
+    return None if po is None else float(po)
+
+
 def recent_series(sessions: sessionmaker[Any], limit: int = 100) -> list[SeriesRow]:
     """The latest series (by last instance received), each with the job of its current version."""
     now = utcnow()
@@ -132,7 +155,9 @@ def recent_series(sessions: sessionmaker[Any], limit: int = 100) -> list[SeriesR
 
 
 def summary(rows: list[SeriesRow]) -> dict[str, int]:
+    """Series per display state, and ``flagged``: those to read first."""
     counts = dict.fromkeys(STATES, 0)
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
+    counts["flagged"] = sum(row.flagged for row in rows)
     return counts

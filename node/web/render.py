@@ -1,4 +1,5 @@
-"""Web console, drawing: grey images as PNG data URIs, probabilities and score curves as SVG.
+"""Web console, drawing: grey images (plain or with lung outlines and the opacity map drawn over)
+as PNG data URIs, probabilities and score curves as SVG.
 
 Server-side and dependency-free (Pillow is already the node's), so the pages need no chart
 library and no front-end build.
@@ -16,15 +17,55 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+#: Overlay colours (RGB): the two lungs' outlines and the opacity map, as the page's legend says.
+LEFT_LUNG_RGB = (255, 200, 0)  # amber
+RIGHT_LUNG_RGB = (0, 200, 255)  # sky blue
+OPACITY_RGB = (255, 30, 30)
+OPACITY_ALPHA = 0.45
 
-def png_data_uri(unit: np.ndarray, max_size: int = 512) -> str:
-    """A [0, 1] grey image as a ``data:image/png`` URI, at most ``max_size`` pixels a side."""
-    pixels = (np.clip(unit, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    img = Image.fromarray(pixels, mode="L")
+
+def _data_uri(img: Image.Image, max_size: int) -> str:
     img.thumbnail((max_size, max_size))
     buffer = io.BytesIO()
     img.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _grey_pixels(unit: np.ndarray) -> np.ndarray:
+    return (np.clip(unit, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def png_data_uri(unit: np.ndarray, max_size: int = 512) -> str:
+    """A [0, 1] grey image as a ``data:image/png`` URI, at most ``max_size`` pixels a side."""
+    return _data_uri(Image.fromarray(_grey_pixels(unit)), max_size)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a 2-D mask that touch its outside (4-neighbours): a one-pixel contour."""
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def overlay_data_uri(
+    unit: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    opacity: np.ndarray,
+    max_size: int = 512,
+) -> str:
+    """A [0, 1] grey slice with lung outlines and the opacity map drawn over it, as a PNG URI.
+
+    ``left`` and ``right`` are the outline pixels of each lung (drawn opaque, ``LEFT_LUNG_RGB``
+    and ``RIGHT_LUNG_RGB``), ``opacity`` the opacity voxels (``OPACITY_RGB`` blended at
+    ``OPACITY_ALPHA``, so the grey underneath stays readable); all of the slice's shape.
+    """
+    rgb = np.repeat(_grey_pixels(unit)[..., np.newaxis], 3, axis=2).astype(np.float32)
+    red = np.asarray(OPACITY_RGB, dtype=np.float32)
+    rgb[opacity] = (1.0 - OPACITY_ALPHA) * rgb[opacity] + OPACITY_ALPHA * red
+    rgb[left] = LEFT_LUNG_RGB
+    rgb[right] = RIGHT_LUNG_RGB
+    return _data_uri(Image.fromarray((rgb + 0.5).astype(np.uint8)), max_size)
 
 
 def bar_chart(probabilities: Sequence[tuple[str, float]], highlight: str) -> Markup:
