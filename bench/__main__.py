@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick] [--out PATH]``: run the benchmarks, print and save JSON.
 
 Each benchmark runs in its own process (``python -m bench.<module>``), so imports, threads and
-peak memory of one never colour another.  Without names all five run in issue order.  Results are
+peak memory of one never colour another.  Without names all six run in issue order.  Results are
 merged into ``bench/results.json`` (a full run) or ``bench/out/results-quick.json`` (``--quick``,
 a smoke run whose figures mean nothing), one entry per benchmark with the machine it ran on.
 """
@@ -24,6 +24,8 @@ BENCHMARKS: dict[str, tuple[str, dict[str, str]]] = {
     "inference": ("bench.inference", {}),
     "e2e": ("bench.e2e", {}),
     "scale": ("bench.scale", {}),
+    # runs its one-thread and node-default configurations in children of its own
+    "lungs": ("bench.lungs", {}),
 }
 RESULTS = REPO / "bench" / "results.json"
 QUICK_RESULTS = REPO / "bench" / "out" / "results-quick.json"
@@ -121,6 +123,14 @@ def table(document: dict[str, Any]) -> str:
         f"{_get(sc, 'ingest_ratio_largest_to_empty')}, {_get(sc, 'status_ratio_largest_to_empty')}",
         ">= 0.8, <= 1.2",
     )
+    lu = b.get("lungs", {})
+    for key, label in (("node", "as the node runs it"), ("one_thread", "1 thread")):
+        add(
+            f"lungs: 300 slices, segment + quantify, {label}: s (segment share), peak RSS MB",
+            f"{_get(lu, key, 'seconds')} ({_get(lu, key, 'segment_share')}), "
+            f"{_get(lu, key, 'peak_rss_mb')}",
+            "<= 1.5 s",
+        )
     lines = ["| figure | value | target |", "| --- | --- | --- |"]
     lines += [f"| {label} | {value} | {goal} |" for label, value, goal in rows]
     return "\n".join(lines)

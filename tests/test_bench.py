@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.peers import require_shared_data
+from tests.peers import CTMD_COVID, require_shared_data
 from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +50,30 @@ def test_quick_preprocessing_and_scale_json_shape(tmp_path: Path) -> None:
     }
     for entry in saved["targets"].values():
         assert set(entry) == {"value", "target", "holds"} and isinstance(entry["holds"], bool)
+
+
+def test_quick_lungs_json_shape(tmp_path: Path) -> None:
+    require_shared_data(CTMD_COVID)
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "lungs", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    lungs = saved["benchmarks"]["lungs"]
+    assert lungs["series"]["shape"][1:] == [512, 512] and lungs["series"]["source_slices"] == 74
+    for config in (lungs["one_thread"], lungs["node"]):
+        assert config["seconds"] > 0 and config["peak_rss_mb"] > 0
+        assert 0 < config["segment_share"] <= 1
+        assert set(config["steps_s"]) >= {"lungs._lung_air", "lungs._split", "opacity.quantify"}
+        assert config["dominant_step"] and config["profile_top_own_time"]
+        assert config["lung_ml"] > 100  # P001's lungs, stretched onto 60 x 1 mm
+    assert lungs["one_thread"]["threads"] == "1"
+    assert set(saved["targets"]) == {
+        "lungs.seconds_300_slices_node",
+        "lungs.seconds_300_slices_one_thread",
+    }
