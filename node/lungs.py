@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -296,8 +297,14 @@ def segment(
     box = _bounding_box(air, margin=round(CLOSING_MM / grid.spacing[1]) + 2)
     sub_air, sub_work = air[box], work[box]
     sub_left, sub_right = _split(sub_air, sub_work, grid)
-    sub_left = _with_dense_opacities(sub_left, sub_air, sub_work, grid)
-    sub_right = _with_dense_opacities(sub_right, sub_air, sub_work, grid) & ~sub_left
+    # the two lungs are independent here: one thread each (OpenCV and numpy release the GIL)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [
+            pool.submit(_with_dense_opacities, m, sub_air, sub_work, grid)
+            for m in (sub_left, sub_right)
+        ]
+        sub_left, sub_right = (f.result() for f in futures)
+    sub_right &= ~sub_left
     left, right = np.zeros_like(air), np.zeros_like(air)
     left[box], right[box] = sub_left, sub_right
     masks = LungMasks(work, left, right, air, grid, factor)
@@ -330,6 +337,15 @@ def _lung_air(work: np.ndarray, grid: Geometry) -> np.ndarray:
 
 
 def _lung_components(holes: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
+    out = np.zeros_like(holes)
+    if not holes.any():
+        return out
+    box = _bounding_box(holes, margin=0)
+    out[box] = _lung_components_in(holes[box], work[box], grid)
+    return out
+
+
+def _lung_components_in(holes: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
     labels, n = ndimage.label(holes)
     if n == 0:
         return holes
@@ -352,22 +368,25 @@ def _airway(lung: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
     a component of any size that is almost all pure air is gas (stomach, bowel, pneumothorax)
     or the table's hollow interior.
     """
-    labels, n = ndimage.label(lung, structure=_IN_PLANE)
-    if n == 0:
-        return np.zeros_like(lung)
-    counts = np.bincount(labels[lung], minlength=n + 1)[1:]
-    purity = _component_means((work < PURE_AIR_HU).astype(np.float32), labels, n)
-    area = counts * grid.spacing[1] * grid.spacing[2]
-    # where each component lies: its slice and its centroid column, against the body's midline
-    z_index, _, x_index = np.nonzero(lung)
-    flat = labels[lung]
-    cx = np.bincount(flat, weights=x_index, minlength=n + 1)[1:] / np.maximum(counts, 1)
-    cz = (np.bincount(flat, weights=z_index, minlength=n + 1)[1:] / np.maximum(counts, 1))
-    midline = _body_centre(work)[cz.round().astype(int)]
-    central = np.abs(cx - midline) * grid.spacing[2] < AIRWAY_MIDLINE_MM
-    small = area < AIRWAY_MAX_AREA_MM2
-    airway = (small & (central | (purity >= AIRWAY_PURITY))) | (purity >= GAS_PURITY)
-    return _lookup(airway, labels)
+    out = np.zeros_like(lung)
+    midline = _body_centre(work)
+    pixel_mm2 = grid.spacing[1] * grid.spacing[2]
+    pure_air = work < PURE_AIR_HU
+    for k in np.flatnonzero(lung.any(axis=(1, 2))):
+        n, labels, stats, centroids = cv2.connectedComponentsWithStats(
+            lung[k].view(np.uint8), connectivity=4
+        )
+        area = stats[:, cv2.CC_STAT_AREA] * pixel_mm2
+        purity = np.bincount(
+            labels.ravel(), weights=pure_air[k].ravel(), minlength=n
+        ) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+        central = np.abs(centroids[:, 0] - midline[k]) * grid.spacing[2] < AIRWAY_MIDLINE_MM
+        small = area < AIRWAY_MAX_AREA_MM2
+        airway = (small & (central | (purity >= AIRWAY_PURITY))) | (purity >= GAS_PURITY)
+        airway[0] = False
+        if airway.any():
+            out[k] = airway[labels]
+    return out
 
 
 def _body_centre(work: np.ndarray) -> np.ndarray:
@@ -441,19 +460,24 @@ def _solid_organ_holes(holes: np.ndarray, side: np.ndarray, work: np.ndarray) ->
     Ground glass averages lower and consolidation is mostly surrounded by lung above and below.
     A solid consolidation lying on the diaphragm is lost by this rule (a known limit, README).
     """
+    out = np.zeros_like(holes)
     if not holes.any():
-        return holes
+        return out
+    box = _bounding_box(holes, margin=0)
+    box = (slice(max(0, box[0].start - 1), box[0].stop + 1), box[1], box[2])  # +1 slice in z
+    holes, side, work = holes[box], side[box], work[box]
     tissue = (work > BODY_HU) & ~side & ~holes
     touch = np.zeros_like(holes)
     touch[1:] |= tissue[:-1]
     touch[:-1] |= tissue[1:]
     labels, n = ndimage.label(holes)
     means = _component_means(work, labels, n)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = np.bincount(labels[holes], minlength=n + 1)
     touching = np.bincount(labels[touch & holes], minlength=n + 1) >= TOUCH_SHARE * sizes
     solid = np.concatenate([[False], means > SOLID_MEAN_HU]) & touching
     solid[0] = False
-    return solid[labels]
+    out[box] = solid[labels]
+    return out
 
 
 def medial_of(side: np.ndarray, grid: Geometry) -> np.ndarray:
