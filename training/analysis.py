@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from node.assess import assess
 from node.config import Settings
 from node.infer import LoadedModel, load_model
 from node.lungs import read_volume, segment
 from node.model_spec import SPEC_FILE, AnalysisSpec, load_spec
-from node.opacity import opacity_mask, quantify
+from node.opacity import Quantification, opacity_mask, quantify
 from node.pipeline import analyse_files
 from node.series_check import order_and_check, read_headers
 from training.evaluate import _auc, auc_ci95
@@ -71,6 +72,7 @@ class SeriesResult:
     slice_thickness_mm: float = 0.0
     slices: int = 0
     verdict: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantification: Quantification | None = None  # to re-assess with the fitted threshold
 
 
 def _flag(value: str) -> bool | None:
@@ -114,6 +116,7 @@ def analyse_listed(
                 slice_thickness_mm=float(header.get("SliceThickness", 0) or 0) if header else 0,
                 slices=len(files),
                 verdict=v,
+                quantification=verdict.quantification,
             )
             logger.info(
                 "%s %s: %s PO %.2f%% PHO %.2f%% CNN %s",
@@ -306,6 +309,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = analyse_listed(args.series, args.data, model, settings)
     default = AnalysisSpec().po_threshold
     threshold, how = fit_threshold(results, default)
+    fitted = model.spec.analysis.model_copy(update={"po_threshold": threshold})
+    for r in results:  # the categories the fitted model.json gives (the flag is held out below)
+        if r.quantification is not None:
+            assessment = assess(r.quantification, fitted, r.cnn_score)
+            r.category = assessment.category
+            r.verdict["assessment"] = assessment.as_json()
     held_out = site_held_out(results, default)
     slices = slice_aucs(args.series, args.data)
     report = {
@@ -316,7 +325,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "series_auc": series_aucs(results),
         "slice_auc_within_patient": slices,
         "series": [
-            {k: v for k, v in dataclasses.asdict(r).items() if k != "verdict"}
+            {
+                f.name: getattr(r, f.name)
+                for f in dataclasses.fields(r)
+                if f.name not in ("verdict", "quantification")
+            }
             | {"assessment": r.verdict.get("assessment"), "coverage": r.verdict.get("coverage")}
             for r in results
         ],
