@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
@@ -76,6 +77,11 @@ def analyse_files(
         reduction = reduce_scores(model.spec, scores)
     except (SeriesRejected, InferenceFailed) as exc:
         return SeriesVerdict(analysed=False, reason=str(exc), **base), evidence
+    except (ValueError, ArithmeticError, IndexError, MemoryError, cv2.error) as exc:
+        # a series the analysis did not foresee still gets an SR that says so (never silence)
+        logger.exception("series %s: analysis failed", base["series_instance_uid"])
+        reason = f"analysis failed ({type(exc).__name__}: {exc}); please report this series"
+        return SeriesVerdict(analysed=False, reason=reason, **base), evidence
     del volume
     spec = model.spec.analysis
     verdict = SeriesVerdict(
