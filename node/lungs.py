@@ -60,10 +60,10 @@ AIRWAY_MEAN_HU = -960.0  # nearly pure air: airway lumen, gas, the table's hollo
 PURE_AIR_HU = -950.0  # airway lumen and gas; parenchyma is mostly above (about -850 on average)
 AIRWAY_PURITY = 0.6  # share of pure air in a small per-slice component that makes it airway
 GAS_PURITY = 0.8  # share of pure air that makes a component of any size gas, not lung
-AIRWAY_MAX_AREA_MM2 = 1200.0
+AIRWAY_MAX_AREA_MM2 = 1200.0  # trachea ~200-500 mm2, carina and main bronchi up to ~1000
 AIRWAY_MIDLINE_MM = 30.0  # a small component centred this close to the midline is an airway:
 # trachea and main bronchi (streaks at the thoracic inlet can put their lumen at -850 HU), while
-# the lung apices, the smallest lung sections, are centred 40 mm or more from the midline  # trachea ~200-500 mm2, carina and main bronchi up to ~1000
+# the lung apices, the smallest lung sections, are centred 40 mm or more from the midline
 MIN_LUNG_ML = 15.0  # less lung than this in the whole series: no lungs found
 MIN_SHARE_OF_LARGEST = 0.05  # a second lung component must be at least this share of the first
 CLOSING_MM = 10.0  # rolling-ball radius that takes subpleural opacities back into the lung
@@ -227,7 +227,7 @@ def _lookup(keep: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _holes_2d(mask: np.ndarray) -> np.ndarray:
     """Per slice: the background regions of ``mask`` that do not reach the image border."""
-    z, h, w = mask.shape
+    _, h, w = mask.shape
     out = np.zeros_like(mask)
     canvas = np.zeros((h + 2, w + 2), np.uint8)
     flood = np.zeros((h + 4, w + 4), np.uint8)
@@ -243,8 +243,12 @@ def _holes_2d(mask: np.ndarray) -> np.ndarray:
 def _border_labels(labels: np.ndarray) -> np.ndarray:
     """Label values found on the in-plane border of any slice."""
     return np.concatenate(
-        [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(),
-         labels[:, :, -1].ravel()]
+        [
+            labels[:, 0, :].ravel(),
+            labels[:, -1, :].ravel(),
+            labels[:, :, 0].ravel(),
+            labels[:, :, -1].ravel(),
+        ]
     )
 
 
@@ -259,9 +263,7 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment(
-    hu: np.ndarray, geometry: Geometry, *, padding_hu: float | None = None
-) -> LungMasks:
+def segment(hu: np.ndarray, geometry: Geometry, *, padding_hu: float | None = None) -> LungMasks:
     """Segment the lungs of a series.
 
     Parameters
@@ -331,7 +333,9 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
 def _lung_air(work: np.ndarray, grid: Geometry) -> np.ndarray:
     """Steps 2-5: aerated lung (air-threshold), trachea and main bronchi removed."""
     body = _largest_per_slice(work > BODY_HU)
-    holes = _holes_2d(body) & (work < BODY_HU)  # "not body" inside the largest component may still be dense
+    holes = _holes_2d(body) & (
+        work < BODY_HU
+    )  # "not body" inside the largest component may still be dense
     lung = _lung_components(holes, work, grid)
     return lung & ~_airway(lung, work, grid)
 
@@ -377,9 +381,9 @@ def _airway(lung: np.ndarray, work: np.ndarray, grid: Geometry) -> np.ndarray:
             lung[k].view(np.uint8), connectivity=4
         )
         area = stats[:, cv2.CC_STAT_AREA] * pixel_mm2
-        purity = np.bincount(
-            labels.ravel(), weights=pure_air[k].ravel(), minlength=n
-        ) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+        purity = np.bincount(labels.ravel(), weights=pure_air[k].ravel(), minlength=n) / np.maximum(
+            stats[:, cv2.CC_STAT_AREA], 1
+        )
         central = np.abs(centroids[:, 0] - midline[k]) * grid.spacing[2] < AIRWAY_MIDLINE_MM
         small = area < AIRWAY_MAX_AREA_MM2
         airway = (small & (central | (purity >= AIRWAY_PURITY))) | (purity >= GAS_PURITY)
@@ -410,14 +414,19 @@ def _split(air: np.ndarray, work: np.ndarray, grid: Geometry) -> tuple[np.ndarra
     for k in range(z):
         lo = max(0, int(centre[k]) - band)
         hi = min(width, int(centre[k]) + band + 1)
-        segment_ = profile[k, lo:hi]
-        minima = np.flatnonzero(segment_ == segment_.min())
-        # the middle of the emptiest stretch (a gap of many columns): the midline between lungs
-        cut[k] = lo + int(minima[np.argmin(np.abs(minima + lo - centre[k]))]) if len(minima) < 3 else lo + int(np.median(minima))
+        cut[k] = lo + _middle_of_emptiest_run(profile[k, lo:hi], centre[k] - lo)
     high_side = columns[np.newaxis, np.newaxis, :] > cut[:, np.newaxis, np.newaxis]
     if grid.left_step > 0:
         return air & high_side, air & ~high_side
     return air & ~high_side, air & high_side
+
+
+def _middle_of_emptiest_run(profile: np.ndarray, centre: float) -> int:
+    """Index in the middle of the run of minimal values closest to ``centre``."""
+    minima = np.flatnonzero(profile == profile.min())
+    runs = np.split(minima, np.flatnonzero(np.diff(minima) > 1) + 1)
+    middles = np.array([(run[0] + run[-1]) / 2.0 for run in runs])
+    return round(float(middles[np.argmin(np.abs(middles - centre))]))
 
 
 def _disc(radius_px: float) -> np.ndarray:

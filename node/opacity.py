@@ -211,9 +211,7 @@ def quantify(masks: LungMasks) -> Quantification:
     per_slice_opacity = opacity.sum(axis=(1, 2))
     slice_po = 100.0 * per_slice_opacity / np.maximum(per_slice_lung, 1)
     covered = np.flatnonzero(per_slice_lung)
-    extent = (
-        (covered[-1] - covered[0] + 1) * masks.geometry.spacing[0] if len(covered) else 0.0
-    )
+    extent = (covered[-1] - covered[0] + 1) * masks.geometry.spacing[0] if len(covered) else 0.0
     return Quantification(
         total=region(lungs),
         lungs={n: region(m) for n, m in sides.items()},

@@ -96,7 +96,7 @@ def analyse_listed(
         for uid, files in series:
             verdict, evidence = analyse_files(files, model, settings)
             v = verdict.as_json()
-            q = v["quantification"] or {}
+            total = verdict.quantification.total if verdict.quantification else None
             header = evidence[0] if evidence else None
             result = SeriesResult(
                 name=Path(row["path"]).name + (f"/{uid[-6:]}" if len(series) > 1 else ""),
@@ -108,9 +108,9 @@ def analyse_listed(
                 series_uid=uid,
                 analysed=verdict.analysed,
                 reason=verdict.reason,
-                po=float(q.get("total", {}).get("po", 0.0)),
-                pho=float(q.get("total", {}).get("pho", 0.0)),
-                volume_ml=float(q.get("total", {}).get("volume_ml", 0.0)),
+                po=total.po if total else 0.0,
+                pho=total.pho if total else 0.0,
+                volume_ml=total.volume_ml if total else 0.0,
                 category=verdict.category,
                 cnn_score=verdict.series_score,
                 slice_thickness_mm=float(header.get("SliceThickness", 0) or 0) if header else 0,
@@ -384,7 +384,11 @@ def analysis_card(report: dict[str, Any]) -> str:
         f"| all | {_pct(rates['sensitivity'])} ({rates['true_positive']}/{rates['positives']}) "
         f"| {_pct(rates['specificity'])} ({rates['true_negative']}/{rates['negatives']}) |"
     )
-    lines += ["", "Series-level ROC AUC (threshold-free; the CNN saw these series in training):", ""]
+    lines += [
+        "",
+        "Series-level ROC AUC (threshold-free; the CNN saw these series in training):",
+        "",
+    ]
     for question, entry in report["series_auc"].items():
         lines.append(
             f"- {question}: PO {entry['po_auc']}, CNN {entry['cnn_auc']} "
