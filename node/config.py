@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -137,11 +138,36 @@ class RetrySettings(_Strict):
     max_backoff_s: float = Field(1800.0, gt=0)
 
 
+OutputKind = Literal["sr", "kos", "summary", "text_sr"]
+"""Result objects (``node.outputs``): TID 1500 Comprehensive 3D SR, Key Object Selection of the
+key slices, Secondary Capture summary image, Basic Text SR."""
+
+
 class ResultSettings(_Strict):
-    send_to: str | None = Field("pacs", description="peer name that receives the SR; null = none")
-    outbox_dir: Path | None = Field(None, description="also write each SR here")
-    series_number: int = Field(9901, ge=1)
+    send_to: str | None = Field(
+        "pacs", description="peer name that receives the results; null = keep them local"
+    )
+    outputs: dict[str, list[OutputKind]] = Field(
+        default_factory=dict,
+        description="per peer name: the result objects it gets (sr, kos, summary, text_sr); "
+        "a peer not listed gets sr, kos and summary as far as it accepts them, the Basic Text "
+        "SR in place of an sr it refuses",
+    )
+    outbox_dir: Path | None = Field(None, description="also write each result object here")
+    series_number: int = Field(
+        9901, ge=1, description="Series Number of the SR; kos, summary, text_sr: +1, +2, +3"
+    )
     retry: RetrySettings = RetrySettings()
+
+    @field_validator("outputs")
+    @classmethod
+    def _profiles(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for peer, kinds in value.items():
+            if not kinds:
+                raise ValueError(f"{peer}: name at least one result object")
+            if len(set(kinds)) != len(kinds):
+                raise ValueError(f"{peer}: {kinds} names an object twice")
+        return value
 
 
 class StorageSettings(_Strict):
@@ -172,6 +198,12 @@ class AnalysisSettings(_Strict):
     batch_size: int = Field(16, ge=1)
     runtime: Literal["auto", "keras", "tflite"] = Field(
         "auto", description="auto: LiteRT/XNNPACK when it matches Keras at load, else Keras"
+    )
+    min_lung_extent_mm: float = Field(
+        20.0,
+        ge=0,
+        description="lungs seen over less than this along the body axis: 'not analysed' "
+        "(0 = never); under model.json analysis.min_extent_mm the SR only carries a caveat",
     )
 
 
@@ -232,6 +264,9 @@ class Settings(_Strict):
             raise ValueError(f"peers: duplicate names in {names}")
         if self.results.send_to is not None and self.results.send_to not in names:
             raise ValueError(f"results.send_to: {self.results.send_to!r} is not a peer ({names})")
+        unknown = sorted(set(self.results.outputs) - set(names))
+        if unknown:
+            raise ValueError(f"results.outputs: {unknown} not peer(s) ({names})")
         if self.catch_up.enabled and self.catch_up.peer not in names:
             raise ValueError(f"catch_up.peer: {self.catch_up.peer!r} is not a peer ({names})")
         return self
@@ -289,11 +324,27 @@ class Settings(_Strict):
         )
 
 
-def _describe(error: dict[str, object]) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"  # type: ignore[attr-defined]
-    value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"{loc} = {shown}: {error['msg']}"
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per problem, "dotted.key = value: message", without pydantic's web links."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        value = error.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"{loc} = {shown}: {error['msg']}")
+    return lines
+
+
+CONFIG_ENV = "TRIAGE_CONFIG"
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def config_path(given: str | Path | None) -> Path:
+    """The config file to read: ``--config`` if given, else ``$TRIAGE_CONFIG``, else
+    ``config.yaml`` in the current folder."""
+    if given:
+        return Path(given)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 def load_settings(path: Path, overrides: dict[str, object] | None = None) -> Settings:
@@ -304,6 +355,11 @@ def load_settings(path: Path, overrides: dict[str, object] | None = None) -> Set
     ConfigError
         With one line per problem, each naming the key (dotted path) and the bad value.
     """
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: no such file (give --config PATH, before or after the command, "
+            f"or set {CONFIG_ENV})"
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
@@ -321,6 +377,6 @@ def load_settings(path: Path, overrides: dict[str, object] | None = None) -> Set
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]  # type: ignore[arg-type]
+        lines = describe_errors(exc)
         raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from None
     return settings.resolve(path.resolve().parent)

@@ -6,12 +6,11 @@ A series that cannot be analysed still gets an SR that says why; only delivery i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,18 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node import jobs, lungs, metrics, opacity
+from node import jobs, lungs, metrics, opacity, outputs
 from node.assess import assess
 from node.config import Settings
 from node.db import Instance, Job, JobStage, JobState
 from node.errors import InferenceFailed, NodeError, SendFailed, SeriesRejected
+from node.figures import KeyImage, draw_key_slices
 from node.infer import LoadedModel, reduce_scores, score_slices
-from node.report import PredecessorRef, build_report, write_report
+from node.report import PredecessorRef
 from node.send import store_files
 from node.series_check import SliceRef, order_and_check, read_headers
 from node.spool import Spool
+from node.summary import MIN_SECTION_SHARE, Curves
 from node.verdict import SeriesVerdict, SliceScore
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,57 @@ class Context:
     model: LoadedModel
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """One series analysed: the verdict, the headers (the evidence of every result object) and,
+    when asked for, what the summary image draws."""
+
+    verdict: SeriesVerdict
+    evidence: list[pydicom.Dataset]
+    key_images: tuple[KeyImage, ...] = ()
+    curves: Curves = field(default_factory=Curves)
+
+
 def analyse_files(
     paths: list[Path], model: LoadedModel, settings: Settings, *, series_version: int = 1
 ) -> tuple[SeriesVerdict, list[pydicom.Dataset]]:
     """Analyse one series from files; never raises for a bad series (verdict says why).
 
     Returns the verdict and the headers of the series' slices (the SR's evidence).
+    """
+    analysis = analyse_series(paths, model, settings, series_version=series_version)
+    return analysis.verdict, analysis.evidence
+
+
+def analyse_series(
+    paths: list[Path],
+    model: LoadedModel,
+    settings: Settings,
+    *,
+    series_version: int = 1,
+    draw: bool = False,
+) -> Analysis:
+    """Analyse one series from files; never raises for a bad series (the verdict says why).
+
+    Parameters
+    ----------
+    paths
+        The series' files.
+    model, settings
+        The loaded model and the node's settings.
+    series_version
+        Version of the series content, carried into the verdict (and the result UIDs).
+    draw
+        Also draw what the summary image shows: the key slices with the lung outlines and the
+        opacity map (``figures.draw_key_slices``, from the masks just measured) and the slice PO
+        and CNN score along the body axis.  A drawing that fails is logged and left out; the
+        verdict stands.
+
+    Returns
+    -------
+    Analysis
+        The verdict, the headers of the series' slices (the evidence of every result object)
+        and, with ``draw``, the drawings.
     """
     headers = read_headers(paths)
     evidence = [ds for _, ds in headers]
@@ -73,16 +119,16 @@ def analyse_files(
         volume, geometry, padding = lungs.read_volume(slices)
         masks = lungs.segment(volume, geometry, padding_hu=padding)
         quantification = opacity.quantify(masks)
+        check_coverage(quantification, settings.analysis.min_lung_extent_mm)
         scores, _ = score_slices(model, slices, settings.analysis.batch_size, volume=volume)
         reduction = reduce_scores(model.spec, scores)
     except (SeriesRejected, InferenceFailed) as exc:
-        return SeriesVerdict(analysed=False, reason=str(exc), **base), evidence
+        return Analysis(SeriesVerdict(analysed=False, reason=str(exc), **base), evidence)
     except (ValueError, ArithmeticError, IndexError, MemoryError, cv2.error) as exc:
         # a series the analysis did not foresee still gets an SR that says so (never silence)
         logger.exception("series %s: analysis failed", base["series_instance_uid"])
         reason = f"analysis failed ({type(exc).__name__}: {exc}); please report this series"
-        return SeriesVerdict(analysed=False, reason=reason, **base), evidence
-    del volume
+        return Analysis(SeriesVerdict(analysed=False, reason=reason, **base), evidence)
     spec = model.spec.analysis
     verdict = SeriesVerdict(
         analysed=True,
@@ -98,7 +144,24 @@ def analyse_files(
         coverage=coverage_caveats(quantification, geometry, spec.min_extent_mm),
         **base,
     )
-    return verdict, evidence
+    if not draw:
+        return Analysis(verdict, evidence)
+    section = masks.lungs.sum(axis=(1, 2))
+    curves = Curves(
+        slice_po=tuple(
+            (r.z, po)
+            for r, po, area in zip(slices, quantification.slice_po, section, strict=True)
+            if area >= MIN_SECTION_SHARE * section.max()
+        ),
+        cnn=tuple((s.z, s.positive_score) for s in scores),
+    )
+    window = model.spec.window.as_window()
+    try:
+        drawn = draw_key_slices(volume, masks, slices, verdict.key_slices, window)
+    except (ValueError, ArithmeticError, IndexError, MemoryError, cv2.error):
+        logger.exception("series %s: key slices not drawn", base["series_instance_uid"])
+        drawn = ()
+    return Analysis(verdict, evidence, drawn, curves)
 
 
 def analysis_version(model: LoadedModel) -> str:
@@ -110,14 +173,22 @@ def analysis_version(model: LoadedModel) -> str:
 
 
 KEY_SLICES = 3
+KEY_SLICE_SEPARATION_MM = 20.0
 SPARSE_SPACING_MM = 5.0
 
 
 def key_slices(slices: list[SliceRef], q: opacity.Quantification) -> tuple[SliceScore, ...]:
-    """The slices with the most opacity by volume, at most ``KEY_SLICES``; the score each
-    carries is that slice's PO (%).  By volume, not PO: a sliver of lung at the apex with one
-    blob in it has a large PO and nothing to show."""
+    """The slices with the most opacity by volume, at most ``KEY_SLICES``, at least
+    ``KEY_SLICE_SEPARATION_MM`` apart so that they show different parts of the disease; the
+    score each carries is that slice's PO (%).  By volume, not PO: a sliver of lung at the apex
+    with one blob in it has a large PO and nothing to show."""
     order = sorted(range(len(slices)), key=lambda i: q.slice_opacity_ml[i], reverse=True)
+    picked: list[int] = []
+    for i in order:
+        if len(picked) == KEY_SLICES or q.slice_opacity_ml[i] <= 0:
+            break
+        if all(abs(slices[i].z - slices[j].z) >= KEY_SLICE_SEPARATION_MM for j in picked):
+            picked.append(i)
     return tuple(
         SliceScore(
             sop_instance_uid=slices[i].sop_instance_uid,
@@ -126,9 +197,30 @@ def key_slices(slices: list[SliceRef], q: opacity.Quantification) -> tuple[Slice
             probabilities=(),
             positive_score=q.slice_po[i],
         )
-        for i in order[:KEY_SLICES]
-        if q.slice_opacity_ml[i] > 0
+        for i in picked
     )
+
+
+def check_coverage(q: opacity.Quantification, min_lung_extent_mm: float) -> None:
+    """Refuse a series whose lungs are seen over less than ``min_lung_extent_mm`` along z.
+
+    Two thresholds: below this one (``analysis.min_lung_extent_mm`` in config.yaml, 20 mm by
+    default: a few thin slices, or one slice of a series every 10 mm) PO describes a sliver, not
+    a patient, and the SR says "not analysed"; below the model's ``analysis.min_extent_mm``
+    (100 mm) the series is analysed and ``coverage_caveats`` says the figures describe that slab
+    only (the 10 x 3 mm RICORD slabs, whose flags were right).  Sparse slices are never refused,
+    only caveated (TCIA A0001, 5 mm every 10 mm, read right).
+
+    Raises
+    ------
+    SeriesRejected
+        With the extent found and the minimum.
+    """
+    if q.extent_mm < min_lung_extent_mm:
+        raise SeriesRejected(
+            f"partial coverage: lungs seen over {q.extent_mm:.0f} mm along the body axis, "
+            f"under the minimum of {min_lung_extent_mm:.0f} mm (analysis.min_lung_extent_mm)"
+        )
 
 
 def coverage_caveats(
@@ -151,22 +243,25 @@ def coverage_caveats(
 
 
 def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
-    """Run one claimed job to its next state; return that state.  Never raises."""
+    """Run the claimed stage of one job; return the job's new state.  Never raises.
+
+    One stage per claim: an analysis ends with the job queued for delivery (``jobs.analysed``),
+    which the next claim runs as its own attempt.
+    """
     try:
         if job.stage == JobStage.ANALYSE:
-            sr_path = analyse_and_report(job, ctx)
-            job = dataclasses.replace(job, stage=JobStage.DELIVER, attempts=1)
-        else:
-            sr_path = Path(_job_row(ctx, job.job_id).sr_path)
-        return deliver(job, sr_path, ctx)
+            analyse_and_report(job, ctx)
+            return JobState.QUEUED
+        return deliver(job, Path(_job_row(ctx, job.job_id).sr_path), ctx)
     except OSError as exc:  # disk full, spool unreadable: transient, retry with backoff
         state = jobs.attempt_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
         logger.warning(
-            "job %d series %s: %s stage failed (attempt %d, now %s): %s",
+            "job %d series %s: %s failed (attempt %d of %d, now %s): %s",
             job.job_id,
             job.series_instance_uid,
             job.stage,
             job.attempts,
+            ctx.settings.results.retry.max_attempts,
             state,
             exc,
         )
@@ -178,23 +273,27 @@ def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
 
 
 def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
-    """Analyse the series version of ``job``, write its SR, and record the verdict."""
+    """Analyse the series version of ``job``, write its result objects (``node.outputs``: the
+    SR, and the key images, summary image and text SR its destination gets), record the
+    verdict; return the SR's path (the others lie beside it)."""
     started = time.perf_counter()
+    results = ctx.settings.results
     paths = _series_paths(ctx, job.series_id)
-    verdict, evidence = analyse_files(
-        paths, ctx.model, ctx.settings, series_version=job.series_version
+    analysis = analyse_series(
+        paths,
+        ctx.model,
+        ctx.settings,
+        series_version=job.series_version,
+        draw="summary" in outputs.kinds_to_build(results),
     )
-    sr = build_report(
-        verdict,
-        evidence,
-        predecessor=_predecessor(ctx, job),
-        series_number=ctx.settings.results.series_number,
-    )
-    sr_path = ctx.spool.results / f"{sr.SOPInstanceUID}.dcm"
-    write_report(sr, sr_path)
-    if ctx.settings.results.outbox_dir is not None:
-        ctx.settings.results.outbox_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sr_path, ctx.settings.results.outbox_dir / sr_path.name)
+    verdict = analysis.verdict
+    objects = outputs.build_outputs(analysis, results, predecessor=_predecessor(ctx, job))
+    sr = objects["sr"]
+    sr_path = outputs.write_outputs(objects, ctx.spool.results)
+    if results.outbox_dir is not None:
+        results.outbox_dir.mkdir(parents=True, exist_ok=True)
+        for obj in outputs.stored_objects(sr_path):
+            shutil.copyfile(obj.path, results.outbox_dir / obj.path.name)
     elapsed = time.perf_counter() - started
     metrics.ANALYSIS_SECONDS.observe(elapsed)
     jobs.analysed(
@@ -212,7 +311,7 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
         analysis_s=elapsed,
     )
     logger.info(
-        "job %d series %s v%d: %s (%s) in %.1f s, %d/%d slices, SR %s",
+        "job %d series %s v%d: %s (%s) in %.1f s, %d/%d slices, SR %s (with %s)",
         job.job_id,
         job.series_instance_uid,
         job.series_version,
@@ -224,33 +323,50 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
         verdict.slices_analysed,
         verdict.slices_total,
         sr.SOPInstanceUID,
+        ", ".join(k for k in objects if k != "sr") or "nothing else",
     )
     return sr_path
 
 
 def deliver(job: jobs.ClaimedJob, sr_path: Path, ctx: Context) -> str:
-    """Send the SR to the configured peer; retry with backoff on failure."""
+    """Send the result objects written with the SR at ``sr_path`` to the configured peer, as
+    its profile says and it accepts (``outputs.chooser``), in one association: one attempt of
+    the claimed ``deliver`` stage, retried with backoff on failure (``jobs.attempt_failed``).
+    Every attempt sends the whole set: the PACS keeps one copy of each."""
     target = ctx.settings.results.send_to
     if target is None:
         jobs.finished_without_delivery(ctx.sessions, job.job_id)
         return JobState.DONE
     try:
-        store_files([sr_path], ctx.settings.peer(target), ctx.settings.node.ae_title)
+        peer = ctx.settings.peer(target)
+        stored = outputs.stored_objects(sr_path)
+        choose = outputs.chooser(stored, outputs.profile_for(ctx.settings.results, target), peer)
+        sent = store_files(
+            [o.path for o in stored], peer, ctx.settings.node.ae_title, choose=choose
+        )
     except (SendFailed, NodeError, OSError) as exc:
         metrics.DELIVERY_FAILURES.inc()
         state = jobs.attempt_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
         logger.warning(
-            "job %d series %s: delivery to %s failed (attempt %d, now %s): %s",
+            "job %d series %s: delivery to %s failed (attempt %d of %d, now %s): %s",
             job.job_id,
             job.series_instance_uid,
             target,
             job.attempts,
+            ctx.settings.results.retry.max_attempts,
             state,
             exc,
         )
         return state
     jobs.delivered(ctx.sessions, job.job_id)
-    logger.info("job %d series %s: SR delivered to %s", job.job_id, job.series_instance_uid, target)
+    kinds = {o.path: o.kind for o in stored}
+    logger.info(
+        "job %d series %s: %s delivered to %s",
+        job.job_id,
+        job.series_instance_uid,
+        ", ".join(kinds[p] for p in sent),
+        target,
+    )
     return JobState.DONE
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,8 +63,16 @@ from pydicom.sr.coding import Code
 
 from node.assess import ATYPICAL, CATEGORY_TEXT, INDETERMINATE, NEGATIVE, TYPICAL
 from node.opacity import BANDS, SIDES, ZONES, Quantification, Region
+from node.sanitise import nameless_source
 from node.spool import write_atomic
 from node.verdict import SeriesVerdict, SliceScore
+from node.wording import (
+    ASSESSMENT_PREFIX,
+    COVERAGE_PREFIX,
+    DISCLAIMER,
+    MODEL_NOTICE_PREFIX,
+    NOT_ANALYSED_PREFIX,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +162,7 @@ COMMENT = Code("121106", "DCM", "Comment")
 
 # --- Fixed texts -------------------------------------------------------------------------------
 
-SERIES_DESCRIPTION = "COVID triage (AI) - not a diagnosis"
-MODEL_NOTICE_PREFIX = "Model notice: "
-DISCLAIMER = (
-    "Triage aid only, not a diagnosis: produced by software (Hounsfield opacity measurement "
-    "and an AI model) without human review. A radiologist must read the images."
-)
-NOT_ANALYSED_PREFIX = "Not analysed: "
-COVERAGE_PREFIX = "Coverage: "
-ASSESSMENT_PREFIX = "Assessment: "
+SERIES_DESCRIPTION = "Lung opacity triage (AI) - not a diagnosis"
 SHA256_PARAMETER = "sha256="
 RULE_PARAMETER = "series rule="
 ANALYSIS_PARAMETER = "analysis="
@@ -175,16 +174,6 @@ except PackageNotFoundError:  # running from a checkout that is not installed
 
 
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:triage-node:structured-report")
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 @dataclass(frozen=True)
@@ -256,12 +245,14 @@ def _derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, json.dumps(parts)).int}"
 
 
-def result_uids(series_instance_uid: str, series_version: int, model_version: str) -> ResultUIDs:
-    """Derive the SR's UIDs from its input, so a re-run produces the same SR.
+def result_uids(
+    series_instance_uid: str, series_version: int, model_version: str, kind: str = "sr"
+) -> ResultUIDs:
+    """Derive the UIDs of a result object from its input, so a re-run produces the same object.
 
-    The SR series depends on the source series only: every triage SR for one CT series (new
-    series versions, new models) lands in the same SR series.  The SOP Instance UID depends on
-    all three inputs.
+    The result series depends on the source series and the kind only: every triage SR for one
+    CT series (new series versions, new models) lands in the same SR series, every summary
+    image in the same summary series, and so on.  The SOP Instance UID depends on all four.
 
     Parameters
     ----------
@@ -271,16 +262,19 @@ def result_uids(series_instance_uid: str, series_version: int, model_version: st
         Version of the series content (increases when late instances arrive).
     model_version
         Version of the model that made the verdict.
+    kind
+        Which result object (``node.outputs.KINDS``): ``sr`` (this SR), ``kos``, ``summary``
+        or ``text_sr``.
 
     Returns
     -------
     ResultUIDs
-        Series and SOP Instance UID of the SR.
+        Series and SOP Instance UID of the object.
     """
     return ResultUIDs(
-        series_instance_uid=_derived_uid("sr-series", series_instance_uid),
+        series_instance_uid=_derived_uid(f"{kind}-series", series_instance_uid),
         sop_instance_uid=_derived_uid(
-            "sr-instance", series_instance_uid, str(series_version), model_version
+            f"{kind}-instance", series_instance_uid, str(series_version), model_version
         ),
     )
 
@@ -326,6 +320,76 @@ def build_report(
     ValueError
         When ``evidence`` is empty or from another study, or a class has no code.
     """
+    check_evidence(verdict, evidence)
+    observation_context = ObservationContext(
+        observer_device_context=device_observer(verdict, manufacturer)
+    )
+    report = MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=PROCEDURE_CT_CHEST,
+        imaging_measurements=[_measurement_group(verdict)],
+    )
+    # highdicom gets no patient name to warn about (and quote); the SR gets it as received
+    source, patient_name = nameless_source(evidence[0])
+    sr = Comprehensive3DSR(
+        evidence=[source, *evidence[1:]],
+        content=report,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=None if predecessor is None else [_predecessor_dataset(predecessor)],
+        coding_schemes=[local_coding_scheme(manufacturer)],
+        **result_attributes(
+            verdict,
+            "sr",
+            series_number=series_number,
+            series_description=SERIES_DESCRIPTION,
+            manufacturer=manufacturer,
+            software_version=software_version,
+        ),
+    )
+    sr.add(patient_name)
+    return sr
+
+
+def result_attributes(
+    verdict: SeriesVerdict,
+    kind: str,
+    *,
+    series_number: int,
+    series_description: str,
+    manufacturer: str,
+    software_version: str = SOFTWARE_VERSION,
+) -> dict[str, Any]:
+    """What every result object (SR, key images, summary, text SR) passes to its highdicom class.
+
+    Its UIDs (``result_uids`` of the verdict and ``kind``), series and instance number (the
+    series version), description, manufacturer and software, UTF-8, and one moment for the
+    content and the series date and time (viewers list a series by its date and time).
+    """
+    uids = result_uids(
+        verdict.series_instance_uid, verdict.series_version, verdict.algorithm.version, kind
+    )
+    now = datetime.now()
+    return {
+        "series_instance_uid": uids.series_instance_uid,
+        "series_number": series_number,
+        "sop_instance_uid": uids.sop_instance_uid,
+        "instance_number": max(1, verdict.series_version),
+        "manufacturer": manufacturer,
+        "series_description": series_description,
+        "software_versions": software_version,
+        "specific_character_set": "ISO_IR 192",
+        "content_date": now.date(),
+        "content_time": now.time(),
+        "series_date": now.date(),
+        "series_time": now.time(),
+    }
+
+
+def check_evidence(verdict: SeriesVerdict, evidence: Sequence[Dataset]) -> None:
+    """Raise ``ValueError`` unless ``evidence`` holds at least one header of the verdict's study."""
     if not evidence:
         raise ValueError("evidence: at least one source instance is needed")
     if evidence[0].StudyInstanceUID != verdict.study_instance_uid:
@@ -333,59 +397,28 @@ def build_report(
             f"evidence: StudyInstanceUID {evidence[0].StudyInstanceUID} differs from the "
             f"verdict's study_instance_uid {verdict.study_instance_uid}"
         )
-    uids = result_uids(
-        verdict.series_instance_uid, verdict.series_version, verdict.algorithm.version
+
+
+def local_coding_scheme(manufacturer: str) -> CodingSchemeIdentificationItem:
+    """Identification of ``LOCAL_SCHEME`` for the Coding Scheme Identification Sequence."""
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME,
+        name="triage-node local codes",
+        responsible_organization=manufacturer,
     )
-    observation_context = ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=_derived_uid("device", manufacturer, verdict.algorithm.name),
-                name=verdict.algorithm.name,
-                manufacturer_name=manufacturer,
-                model_name=f"{verdict.algorithm.name} {verdict.algorithm.version}",
-            ),
-        )
+
+
+def device_observer(verdict: SeriesVerdict, manufacturer: str) -> ObserverContext:
+    """The algorithm as the observer (TID 1004 device) of every result document."""
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=_derived_uid("device", manufacturer, verdict.algorithm.name),
+            name=verdict.algorithm.name,
+            manufacturer_name=manufacturer,
+            model_name=f"{verdict.algorithm.name} {verdict.algorithm.version}",
+        ),
     )
-    report = MeasurementReport(
-        observation_context=observation_context,
-        procedure_reported=PROCEDURE_CT_CHEST,
-        imaging_measurements=[_measurement_group(verdict)],
-    )
-    now = datetime.now()
-    # highdicom warns about "unusual" person names and quotes the name: that would put the
-    # patient's name into the node's logs.  The name is copied as received; silence the warning.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        return Comprehensive3DSR(
-            evidence=[_with_type2_defaults(evidence[0]), *evidence[1:]],
-            content=report,
-            series_instance_uid=uids.series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=uids.sop_instance_uid,
-            instance_number=max(1, verdict.series_version),
-            manufacturer=manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name,
-            previous_versions=None if predecessor is None else [_predecessor_dataset(predecessor)],
-            series_description=SERIES_DESCRIPTION,
-            software_versions=software_version,
-            specific_character_set="ISO_IR 192",
-            coding_schemes=[
-                CodingSchemeIdentificationItem(
-                    designator=LOCAL_SCHEME,
-                    name="triage-node local codes",
-                    responsible_organization=manufacturer,
-                )
-            ],
-            # one moment for both: viewers list the SR series by its date and time
-            content_date=now.date(),
-            content_time=now.time(),
-            series_date=now.date(),
-            series_time=now.time(),
-        )
 
 
 def _measurement_group(verdict: SeriesVerdict) -> MeasurementsAndQualitativeEvaluations:
@@ -550,16 +583,6 @@ def _class_code(name: str, table: dict[str, Code]) -> Code:
         raise ValueError(
             f"verdict class {name!r} has no SR code; known classes: {sorted(table)}"
         ) from None
-
-
-def _with_type2_defaults(source: Dataset) -> Dataset:
-    """A copy of ``source`` with the patient/study attributes highdicom copies, empty if absent."""
-    header = Dataset()
-    header.update(source)
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
 
 
 def _predecessor_dataset(ref: PredecessorRef) -> Dataset:

@@ -21,7 +21,8 @@ import pydicom
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from node.send import close_socket
+from node import outputs
+from node.scu import close_socket
 from tests.nodeproc import NodeProcess, node_config
 from tests.peers import Orthanc, free_port, set_nodelay
 
@@ -77,6 +78,40 @@ def series_rows(db: Path) -> list[tuple[Any, ...]]:
 
 def sr_in_study(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
     return [t for t in orthanc.instances_in_study(study_uid) if t.get("SOPClassUID") == SR_CLASS]
+
+
+def results_in_study(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict[str, Any]]]:
+    """The node's result objects in the PACS's study, by kind (``node.outputs.KINDS``)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for tags in orthanc.instances_in_study(study_uid):
+        kind = outputs.kind_of_sop_class(str(tags.get("SOPClassUID", "")))
+        if kind is not None:
+            found.setdefault(kind, []).append(tags)
+    return found
+
+
+def built_results(spool: Path) -> dict[str, int]:
+    """How many result objects of each kind the node wrote into its spool (all series)."""
+    counts: dict[str, int] = {}
+    for path in (spool / ".results").rglob("*.dcm"):
+        kind = outputs.kind_of_sop_class(
+            str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
+        )
+        assert kind is not None, path
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def assert_each_result_once(orthanc: Orthanc, study_uid: str, spool: Path) -> None:
+    """One series version analysed: every object the node built for Orthanc (all but the Basic
+    Text SR, which replaces an SR only where it is refused) is in the study exactly once, each
+    in its own series, and the SR is among them."""
+    expected = {kind: 1 for kind in built_results(spool) if kind != "text_sr"}
+    assert built_results(spool).get("sr") == 1 and "summary" in expected, built_results(spool)
+    found = results_in_study(orthanc, study_uid)
+    assert {kind: len(tags) for kind, tags in found.items()} == expected
+    series = [tags[0]["SeriesInstanceUID"] for tags in found.values()]
+    assert len(set(series)) == len(series), "each object in its own series"
 
 
 # --------------------------------------------------------------------------------------------------

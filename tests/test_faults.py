@@ -2,7 +2,8 @@
 senders, a locked database, a full spool disk.
 
 Invariants: every instance that got Success is in the spool and the database; each series version
-yields exactly one SR in the PACS; the node never crashes and recovers when the fault goes away.
+yields each result object (SR, key images, summary image) exactly once in the PACS; the node never
+crashes and recovers when the fault goes away.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import pytest
 from tests.faultkit import (
     HoldingProxy,
     Rig,
+    assert_each_result_once,
     db_query,
     jobs,
     leftovers,
     make_rig,
     recorded_sops,
+    results_in_study,
     send_files,
     sending_in_background,
     series_rows,
@@ -74,7 +77,8 @@ def assert_acknowledged_are_kept(rig: Rig, acknowledged: set[str]) -> None:
 
 
 def finish_and_count_srs(rig: Rig, files: list[Path], timeout: float = 120) -> None:
-    """Resend everything (as a PACS would), then: one series v1, one job done, one SR in Orthanc."""
+    """Resend everything (as a PACS would), then: one series v1, one job done, and in Orthanc
+    each result object (SR, key images, summary image) exactly once."""
     assert rig.orthanc is not None
     storescu(files, port=rig.port, aec="TRIAGE", aet="STORESCU")
     wait_for(
@@ -87,8 +91,7 @@ def finish_and_count_srs(rig: Rig, files: list[Path], timeout: float = 120) -> N
     assert [(r[1], r[2], r[3]) for r in rows] == [("complete", len(files), 1)], rows
     assert spooled_sops(rig.spool) == recorded_sops(rig.db)
     assert len(recorded_sops(rig.db)) == len(files)
-    srs = sr_in_study(rig.orthanc, study_uid_of(files))
-    assert len(srs) == 1, f"{len(srs)} SRs in the study"
+    assert_each_result_once(rig.orthanc, study_uid_of(files), rig.spool)
     assert leftovers(rig.spool) == []
 
 
@@ -140,7 +143,7 @@ def test_sigkill_at_series_completion(
     rig.node.start()
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 120, interval=0.5, what="job done")
     assert rig.orthanc is not None
-    assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
+    assert_each_result_once(rig.orthanc, study_uid_of(files), rig.spool)
     assert [(r[1], r[2], r[3]) for r in series_rows(rig.db)] == [("complete", len(files), 1)]
 
 
@@ -165,7 +168,7 @@ def test_sigkill_during_inference(
     killed_in = jobs(rig.db)
     assert [(j[3], j[4]) for j in killed_in] == [("running", "analyse")], killed_in
     assert rig.orthanc is not None
-    assert sr_in_study(rig.orthanc, study_uid_of(files)) == []
+    assert results_in_study(rig.orthanc, study_uid_of(files)) == {}
     rig.node.start()
     finish_and_count_srs(rig, files)
     assert "requeued 1 job(s) interrupted by a restart" in rig.node.log_text()
@@ -177,8 +180,9 @@ def test_sigkill_during_sr_delivery(
     orthanc_factory: Callable[..., Orthanc],
     rigs: list[Rig],
 ) -> None:
-    """The PACS stores the SR but its answer never reaches the node; kill; restart re-delivers:
-    the deterministic SR UID makes the second copy a no-op, so the study still has one SR."""
+    """The PACS stores the SR (the first of the set) but its answer never reaches the node;
+    kill; restart re-delivers the whole set: the deterministic UIDs make the second SR a no-op,
+    so the study ends with each object (SR, key images, summary image) once."""
     require_shared_data(TCIA_SIEMENS_B70F)
     files = series_files(TCIA_SIEMENS_B70F)
     port_holder = make_rig(tmp_path / "probe", tiny_model_dir, orthanc_factory)
@@ -200,6 +204,8 @@ def test_sigkill_during_sr_delivery(
         killed_in = jobs(rig.db)
         # the first delivery runs right after analysis, with the row already at 'deliver'
         assert [j[4] for j in killed_in] == ["deliver"] and killed_in[0][3] != "done", killed_in
+        # killed in the middle of the set: the SR is stored, the objects after it are not
+        assert set(results_in_study(orthanc, study_uid_of(files))) == {"sr"}
         proxy.hold_answers.clear()
         rig.node.start()
         finish_and_count_srs(rig, files)
@@ -495,7 +501,7 @@ def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
     rig.node.cli("retry", job_id)
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="delivered")
     assert rig.node.cli("retry", job_id, check=False).returncode != 0  # only failed jobs retry
-    assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
+    assert_each_result_once(rig.orthanc, study_uid_of(files), rig.spool)
 
 
 def test_spool_full_when_the_sr_is_written_retries_until_space_returns(
@@ -527,4 +533,4 @@ def test_spool_full_when_the_sr_is_written_retries_until_space_returns(
     assert leftovers(rig.spool) == []
     filler.unlink()
     wait_for(lambda: [j[3] for j in jobs(rig.db)] == ["done"], 60, interval=0.5, what="done")
-    assert len(sr_in_study(rig.orthanc, study_uid_of(files))) == 1
+    assert_each_result_once(rig.orthanc, study_uid_of(files), rig.spool)

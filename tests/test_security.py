@@ -26,9 +26,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from node.send import close_socket
+from node.scu import close_socket
 from tests.faultkit import (
     Rig,
+    built_results,
     db_query,
     jobs,
     make_rig,
@@ -513,6 +514,6 @@ def test_no_phi_in_logs_database_status_or_console_and_files_are_private(
         if mode & 0o077:
             loose.append(f"{path.relative_to(workdir)} {mode:o}")
     assert loose == [], loose
-    assert len(list((workdir / "spool" / ".results").glob("*.dcm"))) == 1
+    assert built_results(workdir / "spool").get("sr") == 1  # with its key images and summary
     rows = db_query(workdir / "node.sqlite3", "SELECT COUNT(*) FROM instances")
     assert rows[0][0] == len(files)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from node import lungs, opacity, preprocess
+from node import lungs
+from node.figures import draw_key_slices
 from node.opacity import BANDS, ZONES, Quantification, Region
 from node.pipeline import Context
 from node.preprocess import Window
 from node.series_check import SliceRef, order_and_check, read_headers
 from node.verdict import SeriesVerdict
-from node.web.render import outline, overlay_data_uri
+from node.web.render import rgb_data_uri
 
 logger = logging.getLogger(__name__)
 
@@ -84,37 +85,16 @@ def read_series(paths: list[Path], ctx: Context) -> SeriesVolume:
     return SeriesVolume(slices, hu, geometry, padding)
 
 
-def _to_pixels(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """A working-grid 2-D mask repeated back to the original pixel grid (cropped edge: False)."""
-    full = np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
-    out = np.zeros(shape, dtype=bool)
-    out[: full.shape[0], : full.shape[1]] = full[: shape[0], : shape[1]]
-    return out
-
-
 def key_views(series: SeriesVolume, verdict: SeriesVerdict, window: Window) -> tuple[KeyView, ...]:
-    """The verdict's key slices with left/right lung outlines and the opacity map drawn over.
+    """The verdict's key slices with left/right lung outlines and the opacity map drawn over
+    (``node.figures.draw_key_slices``, the drawing the summary image shows too).
 
     Raises ``SeriesRejected`` when the series cannot be segmented (it was, for the verdict).
     """
     if not verdict.key_slices:
         return ()
     masks = lungs.segment(series.hu, series.geometry, padding_hu=series.padding_hu)
-    opacities = opacity.opacity_mask(masks)
-    index = {ref.sop_instance_uid: i for i, ref in enumerate(series.slices)}
-    shape = (series.hu.shape[1], series.hu.shape[2])
-    views = []
-    for rank, key in enumerate(verdict.key_slices, start=1):
-        i = index.get(key.sop_instance_uid)
-        if i is None:
-            logger.warning("key slice %s is not in the series read back", key.sop_instance_uid)
-            continue
-        image = overlay_data_uri(
-            preprocess.apply_window(series.hu[i], window),
-            left=_to_pixels(outline(masks.left[i]), masks.factor, shape),
-            right=_to_pixels(outline(masks.right[i]), masks.factor, shape),
-            opacity=_to_pixels(opacities[i], masks.factor, shape),
-            max_size=KEY_VIEW_SIZE,
-        )
-        views.append(KeyView(rank, key.z, key.positive_score, image))
-    return tuple(views)
+    drawn = draw_key_slices(series.hu, masks, series.slices, verdict.key_slices, window)
+    return tuple(
+        KeyView(d.rank, d.z, d.po, rgb_data_uri(d.rgb, max_size=KEY_VIEW_SIZE)) for d in drawn
+    )

@@ -47,14 +47,10 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def overlay_data_uri(
-    unit: np.ndarray,
-    left: np.ndarray,
-    right: np.ndarray,
-    opacity: np.ndarray,
-    max_size: int = 512,
-) -> str:
-    """A [0, 1] grey slice with lung outlines and the opacity map drawn over it, as a PNG URI.
+def overlay_rgb(
+    unit: np.ndarray, left: np.ndarray, right: np.ndarray, opacity: np.ndarray
+) -> np.ndarray:
+    """A [0, 1] grey slice with lung outlines and the opacity map drawn over it (uint8 RGB).
 
     ``left`` and ``right`` are the outline pixels of each lung (drawn opaque, ``LEFT_LUNG_RGB``
     and ``RIGHT_LUNG_RGB``), ``opacity`` the opacity voxels (``OPACITY_RGB`` blended at
@@ -65,7 +61,23 @@ def overlay_data_uri(
     rgb[opacity] = (1.0 - OPACITY_ALPHA) * rgb[opacity] + OPACITY_ALPHA * red
     rgb[left] = LEFT_LUNG_RGB
     rgb[right] = RIGHT_LUNG_RGB
-    return _data_uri(Image.fromarray((rgb + 0.5).astype(np.uint8)), max_size)
+    return (rgb + 0.5).astype(np.uint8)
+
+
+def rgb_data_uri(rgb: np.ndarray, max_size: int = 512) -> str:
+    """A uint8 RGB image (e.g. from ``overlay_rgb``) as a PNG URI, at most ``max_size`` a side."""
+    return _data_uri(Image.fromarray(rgb), max_size)
+
+
+def overlay_data_uri(
+    unit: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    opacity: np.ndarray,
+    max_size: int = 512,
+) -> str:
+    """``overlay_rgb`` as a PNG URI, at most ``max_size`` pixels a side."""
+    return rgb_data_uri(overlay_rgb(unit, left, right, opacity), max_size)
 
 
 def bar_chart(probabilities: Sequence[tuple[str, float]], highlight: str) -> Markup:
