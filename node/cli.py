@@ -1,4 +1,9 @@
-"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull``."""
+"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull``.
+
+``--config`` and ``--debug`` go before or after the command; without ``--config`` the file is
+``$TRIAGE_CONFIG``, else ``config.yaml`` (``node.config.config_path``).  Exit codes: 0 done,
+1 the command failed, 2 invalid configuration or model.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import sys
 from pathlib import Path
 
 from node import __version__
-from node.config import Settings, load_settings
-from node.errors import ConfigError, NodeError
+from node.config import CONFIG_ENV, Settings, config_path, load_settings
+from node.errors import ConfigError, ModelError, NodeError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["node.port"] = args.port
     if getattr(args, "ae_title", None):
         overrides["node.ae_title"] = args.ae_title
-    return load_settings(Path(args.config), overrides)
+    return load_settings(config_path(getattr(args, "config", None)), overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -58,22 +63,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from pynetdicom import AE
+    from pynetdicom import build_context
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from node.scu import associate
 
     settings = _settings(args)
     peer = settings.peer(args.peer)
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        print(f"echo {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): association failed")
+    where = f"echo {peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
+    try:
+        with associate(
+            peer, [build_context(Verification)], calling_ae=settings.node.ae_title, timeout_s=10
+        ) as assoc:
+            status = assoc.send_c_echo()
+    except NodeError as exc:  # the association did not open: scu says why
+        print(f"{where}: {exc}")
         return 1
-    status = assoc.send_c_echo()
-    assoc.release()
     code = int(status.Status) if status is not None and "Status" in status else -1
-    print(f"echo {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): status 0x{code:04X}")
+    print(f"{where}: status 0x{code:04X}")
     return 0 if code == 0 else 1
 
 
@@ -124,40 +131,70 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="triage-node", description=__doc__)
-    parser.add_argument("--config", default="config.yaml", help="path to config.yaml")
-    parser.add_argument("--debug", action="store_true", help="verbose logs incl. pynetdicom")
+    # --config and --debug are accepted before and after the command: on the main parser and,
+    # through ``common``, on every sub-command (SUPPRESS: an absent option never overwrites one
+    # given on the other side of the command).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=f"path to config.yaml (default: ${CONFIG_ENV}, else ./config.yaml)",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="verbose logs incl. pynetdicom",
+    )
+    parser = argparse.ArgumentParser(
+        prog="triage-node",
+        description=__doc__,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="receive, analyse and report (runs until stopped)")
+    p = sub.add_parser(
+        "serve", parents=[common], help="receive, analyse and report (runs until stopped)"
+    )
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--ae-title", help="override node.ae_title")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="series and jobs with states, counts and ages")
+    p = sub.add_parser(
+        "status", parents=[common], help="series and jobs with states, counts and ages"
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("echo", help="C-ECHO a configured peer")
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured peer")
     p.add_argument("peer")
     p.set_defaults(func=cmd_echo)
 
-    p = sub.add_parser("check-config", help="validate config.yaml and the model, print settings")
+    p = sub.add_parser(
+        "check-config", parents=[common], help="validate config.yaml and the model, print settings"
+    )
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("retry", help="requeue a failed (dead-lettered) job")
+    p = sub.add_parser("retry", parents=[common], help="requeue a failed (dead-lettered) job")
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("classify", help="offline analysis of DICOM files/folders; JSON per series")
+    p = sub.add_parser(
+        "classify",
+        parents=[common],
+        help="offline analysis of DICOM files/folders; JSON per series",
+    )
     p.add_argument("paths", nargs="+")
     p.add_argument("--model", help="model directory (default: model_dir from config)")
     p.add_argument("--sr-out", type=Path, help="write each series' SR into this folder")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("pull", help="C-FIND + C-GET (or C-MOVE) a study from a peer")
+    p = sub.add_parser(
+        "pull", parents=[common], help="C-FIND + C-GET (or C-MOVE) a study from a peer"
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--study", help="Study Instance UID")
     g.add_argument("--accession", help="Accession Number")
@@ -168,11 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.debug)
+    configure_logging(getattr(args, "debug", False))
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"model error: {exc}", file=sys.stderr)
         return 2
     except NodeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,3 +29,7 @@ class InferenceFailed(NodeError):
 
 class SendFailed(NodeError):
     """The PACS did not accept the result (association refused, failure status, network error)."""
+
+
+class PortUnavailable(NodeError):
+    """The node cannot listen on a configured port (in use: the message names the holder)."""

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node import preprocess
+from node.config import describe_errors
 from node.errors import ModelError
 from node.preprocess import PREPROCESSING_VERSION, Window
 
@@ -151,14 +152,26 @@ def file_sha256(path: Path) -> str:
 def load_spec(model_dir: Path) -> ModelSpec:
     """Read and check ``model.json``; the error names the directory and the bad field."""
     spec_path = model_dir / SPEC_FILE
+    if not model_dir.is_dir():
+        raise ModelError(
+            f"model_dir: {model_dir} does not exist (a model directory holds {MODEL_FILE} "
+            f"and {SPEC_FILE})"
+        )
     if not spec_path.is_file():
         raise ModelError(f"{spec_path}: missing (a model directory needs {SPEC_FILE})")
     if not (model_dir / MODEL_FILE).is_file():
         raise ModelError(f"{model_dir / MODEL_FILE}: missing")
     try:
-        spec = ModelSpec.model_validate(json.loads(spec_path.read_text()))
-    except (ValidationError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{spec_path}: invalid: {exc}") from exc
+        raw = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{spec_path}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    try:
+        spec = ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = describe_errors(exc)
+        raise ModelError(f"{spec_path}: invalid:\n  " + "\n  ".join(lines)) from None
     if spec.preprocessing_version != PREPROCESSING_VERSION:
         raise ModelError(
             f"{spec_path}: preprocessing_version {spec.preprocessing_version} but this node "

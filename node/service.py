@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -16,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import jobs
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
+from node.errors import PortUnavailable
 from node.infer import load_model
 from node.pipeline import Context
 from node.receive import start_receiver
@@ -53,8 +58,68 @@ def open_state(settings: Settings) -> tuple[Any, Spool]:
     return make_sessionmaker(engine), Spool(settings.storage.spool_dir)
 
 
+def port_holder(port: int) -> str | None:
+    """Which process listens on TCP ``port``, as "name (pid N: command)", from /proc; or None.
+
+    Only processes we may inspect are found (all of them as root); elsewhere None.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the socket inode
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                name = (proc / "comm").read_text().strip()
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                command = b" ".join(argv).decode(errors="replace").strip()
+                return f"{name} (pid {proc.name}: {command[:100]})"
+        except OSError:  # gone, or not ours to inspect
+            continue
+    return None
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Raise ``PortUnavailable`` naming the holder when ``host:port`` cannot be listened on.
+
+    Done before the model loads (seconds to minutes), so that a second ``serve`` stops at once.
+    """
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise PortUnavailable(
+                    f"{setting} {host}:{port}: cannot listen: {exc.strerror}"
+                ) from exc
+            holder = port_holder(port)
+            who = f"by {holder}" if holder else "by another process (`ss -ltnp` as root names it)"
+            raise PortUnavailable(
+                f"{setting} {host}:{port} is already in use {who}: is the node already "
+                f"running? Stop that process or choose another {setting}"
+            ) from exc
+
+
 def start(settings: Settings) -> Running:
     """Start receiving and working; returns at once (everything runs in background threads)."""
+    check_port_free(settings.node.bind_address, settings.node.port, "node.port")
     os.umask(0o077)  # spool, SRs, database, outbox: owner-only, whoever creates them
     sessions, spool = open_state(settings)
     model = load_model(
