@@ -2,7 +2,9 @@
 
 No analysis happens here.  Every failure becomes a DICOM status so the sender keeps the instance
 and retries; a handler never raises.  Callers not on the allow-list are rejected at association
-time, before any data is sent.
+time, before any data is sent.  When the sender releases an association normally,
+``handle_released`` asks ``node/series_complete.py`` whether the series it carried are complete
+(after the A-RELEASE-RP is sent, so the sender does not wait for it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -32,6 +35,7 @@ from sqlalchemy.orm import sessionmaker
 from node import metrics
 from node.config import Settings, TLSSettings
 from node.errors import ConfigError, InvalidInstance
+from node.series_complete import Caller, ReleaseChecks
 from node.spool import Spool, check_uid
 from node.tracking import InstanceHeader, Recorded, record_instance
 
@@ -175,10 +179,41 @@ def _check_pixel_data(ds: Dataset, data: bytes, ts: UID) -> None:
         raise InvalidInstance(f"Pixel Data has {actual} bytes, expected {expected} (truncated)")
 
 
+class Carried:
+    """The series each open association has stored instances of (thread-safe).
+
+    ``handle_released`` or ``handle_aborted`` takes an association's entry; one left by an
+    association that ended otherwise (its thread is gone) is dropped when the next one starts.
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[Association, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, assoc: Association, series_instance_uid: str) -> None:
+        with self._lock:
+            if assoc not in self._series:
+                for ended in [a for a in self._series if not a.is_alive()]:
+                    del self._series[ended]
+                self._series[assoc] = set()
+            self._series[assoc].add(series_instance_uid)
+
+    def pop(self, assoc: Association) -> set[str]:
+        with self._lock:
+            return self._series.pop(assoc, set())
+
+
 def handle_store(
-    event: Event, spool: Spool, sessions: sessionmaker[Any], counters: dict[str, int]
+    event: Event,
+    spool: Spool,
+    sessions: sessionmaker[Any],
+    counters: dict[str, int],
+    carried: Carried | None = None,
 ) -> int:
-    """Write the instance to the spool, record it, and answer.  Never raises."""
+    """Write the instance to the spool, record it, and answer.  Never raises.
+
+    ``carried`` (the Storage SCP's, not a C-GET's) notes the series for ``handle_released``.
+    """
     request = event.request
     # The sender is the remote end: the requestor of a pushed C-STORE, the acceptor of a C-GET.
     remote = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
@@ -201,6 +236,8 @@ def handle_store(
     if recorded is None:
         counters["out_of_resources"] = counters.get("out_of_resources", 0) + 1
         return OUT_OF_RESOURCES
+    if carried is not None:
+        carried.add(event.assoc, header.series_instance_uid)
     metrics.INSTANCES_RECEIVED.labels("duplicate" if recorded.duplicate else "stored").inc()
     counters["stored"] = counters.get("stored", 0) + (0 if recorded.duplicate else 1)
     counters["duplicates"] = counters.get("duplicates", 0) + (1 if recorded.duplicate else 0)
@@ -245,6 +282,31 @@ def _spool_and_record(
 
 def handle_echo(event: Event) -> int:
     return SUCCESS
+
+
+def handle_released(event: Event, carried: Carried, checks: ReleaseChecks) -> None:
+    """The sender released the association normally: check what it carried for completion.
+
+    The check (a C-FIND to the sender, the geometry of the series) runs in ``checks``' thread,
+    not in this association's, which pynetdicom counts towards ``max_associations`` while it
+    lives.  Never raises.
+    """
+    series_uids = carried.pop(event.assoc)
+    if not series_uids or not event.assoc.is_acceptor:  # we only release on our own timeout
+        return
+    remote = event.assoc.requestor
+    checks.submit(series_uids, Caller(ae_title=remote.ae_title.strip(), host=str(remote.address)))
+
+
+def handle_aborted(event: Event, carried: Carried) -> None:
+    """An abort (by either side, or a dropped connection) completes nothing: the timer decides."""
+    series_uids = carried.pop(event.assoc)
+    if series_uids:
+        logger.info(
+            "association from %s aborted: %d series left to the quiet timer",
+            event.assoc.requestor.ae_title.strip(),
+            len(series_uids),
+        )
 
 
 def handle_requested(event: Event, settings: Settings) -> None:
@@ -329,11 +391,17 @@ def start_receiver(
 ) -> ThreadedAssociationServer:
     """Start the Storage SCP in background threads and return the server."""
     ae = make_ae(settings)
+    carried = Carried()
+    checks = ReleaseChecks(settings, sessions, counters)
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [spool, sessions, counters]),
+        (evt.EVT_C_STORE, handle_store, [spool, sessions, counters, carried]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_CONN_OPEN, handle_connection),
+        (evt.EVT_RELEASED, handle_released, [carried, checks]),
+        # Not EVT_CONN_CLOSE: a sender may close its socket right after the A-RELEASE-RP, and
+        # the close can be seen before EVT_RELEASED.  A dropped connection ends as an abort.
+        (evt.EVT_ABORTED, handle_aborted, [carried]),
     ]
     ssl_context = None
     if settings.security.require_tls:
