@@ -1,9 +1,14 @@
 """Queue stage: the ``jobs`` table is the queue.
 
 ``queued -> running -> done | failed``.  A job has two stages: ``analyse`` (runs once per series
-version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the SR).
-Transient failures of either (network, disk full) are retried with exponential backoff, then
-dead-lettered as ``failed`` with the reason.
+version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the
+result objects).  Each claim runs one stage: a finished analysis queues its delivery, which the
+next claim takes (deliveries first).  Transient failures of either (network, disk full) are retried
+with exponential backoff, then dead-lettered as ``failed`` with the reason.
+
+``attempts`` counts the claims of the current stage, and only ``claim_next`` counts them: a row
+that is being delivered reads ``running``, ``deliver``, ``attempts`` = this attempt, and
+``max_attempts`` claims of a stage are all it gets.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import RetrySettings
@@ -96,17 +101,20 @@ def rerun(sessions: sessionmaker[Any], series_id: int) -> int:
 
 
 def claim_next(sessions: sessionmaker[Any]) -> ClaimedJob | None:
-    """Atomically move the next due job to ``running`` and return it (None if nothing is due).
+    """Atomically move the next due job to ``running``, count the attempt, and return it (None if
+    nothing is due).
 
-    The conditional UPDATE (``WHERE state = 'queued'``) is the claim: if two workers race, only
-    one sees a row count of 1.
+    Due deliveries come first: a finished analysis reaches the PACS before the next series is
+    analysed.  The conditional UPDATE (``WHERE state = 'queued'``) is the claim: if two workers
+    race, only one sees a row count of 1.  ``ClaimedJob.attempts`` is this attempt (1-based).
     """
     now = utcnow()
+    delivery_first = case((Job.stage == JobStage.DELIVER, 0), else_=1)
     with sessions.begin() as session:
         candidates = session.execute(
             select(Job.id)
             .where(Job.state == JobState.QUEUED, Job.next_attempt_at <= now)
-            .order_by(Job.next_attempt_at, Job.id)
+            .order_by(delivery_first, Job.next_attempt_at, Job.id)
             .limit(5)
         ).scalars()
         for job_id in candidates:
@@ -138,7 +146,8 @@ def update_job(sessions: sessionmaker[Any], job_id: int, **values: Any) -> None:
 
 
 def analysed(sessions: sessionmaker[Any], job_id: int, **results: Any) -> None:
-    """Analysis finished (verdict or not-analysed): the job moves on to delivery now."""
+    """Analysis finished (verdict or not-analysed): the job is queued for delivery, due now,
+    with no delivery attempt yet."""
     update_job(
         sessions,
         job_id,
@@ -170,8 +179,11 @@ def backoff(attempts: int, retry: RetrySettings) -> float:
 def attempt_failed(
     sessions: sessionmaker[Any], job: ClaimedJob, error: str, retry: RetrySettings
 ) -> str:
-    """A transient failure (delivery, disk): retry the same stage with backoff, or dead-letter
-    after ``max_attempts``; return the new state."""
+    """A transient failure (delivery, disk) of the claimed attempt: queue the same stage again
+    with backoff, or dead-letter it when that was attempt ``max_attempts``; return the new state.
+
+    ``job.attempts`` is the row's count, made by ``claim_next``; it is not written here.
+    """
     if job.attempts >= retry.max_attempts:
         update_job(
             sessions,

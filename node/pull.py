@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -29,7 +31,7 @@ from node.config import Peer, Settings
 from node.db import Series, SeriesState
 from node.errors import NodeError
 from node.receive import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, handle_store
-from node.send import client_ssl_context, set_nodelay
+from node.scu import associate
 from node.series_complete import selection_failure
 from node.spool import Spool
 
@@ -54,36 +56,19 @@ class PullFailed(NodeError):
 # Associations
 
 
-def _make_ae(settings: Settings, *contexts: str) -> AE:
-    ae = AE(ae_title=settings.node.ae_title)
-    timeout = settings.node.network_timeout_s
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    ae.maximum_pdu_size = settings.node.max_pdu_size
-    for context in contexts:
-        ae.add_requested_context(context)
-    return ae
-
-
-def _check_established(assoc: Association, peer: Peer) -> None:
-    if not assoc.is_established:
-        state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise PullFailed(
-            f"association with {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}) {state}"
-        )
-    set_nodelay(assoc)
-
-
-def _associate(ae: AE, peer: Peer, **kwargs: Any) -> Association:
-    """Associate with ``peer``, over DICOM TLS when ``peers[].tls`` is set (as delivery does)."""
-    try:
-        tls_args = None if peer.tls is None else (client_ssl_context(peer.tls), peer.host)
-        assoc = ae.associate(
-            peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args, **kwargs
-        )
-    except Exception as exc:  # socket errors surface in several types
-        raise PullFailed(f"cannot connect to {peer.name} ({peer.host}:{peer.port}): {exc}") from exc
-    _check_established(assoc, peer)
-    return assoc
+def _associate(
+    settings: Settings, peer: Peer, contexts: list[PresentationContext], **kwargs: Any
+) -> AbstractContextManager[Association]:
+    """``scu.associate`` with the node's AE title, network timeout and PDU size."""
+    return associate(
+        peer,
+        contexts,
+        calling_ae=settings.node.ae_title,
+        timeout_s=settings.node.network_timeout_s,
+        max_pdu=settings.node.max_pdu_size,
+        error=PullFailed,
+        **kwargs,
+    )
 
 
 def _status_code(status: Dataset | None) -> int | None:
@@ -94,10 +79,10 @@ def _status_code(status: Dataset | None) -> int | None:
 
 def _find(settings: Settings, peer: Peer, query: Dataset) -> list[Dataset]:
     """Run one Study Root C-FIND and return the matches."""
-    ae = _make_ae(settings, StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, peer)
     matches: list[Dataset] = []
-    try:
+    with _associate(
+        settings, peer, [build_context(StudyRootQueryRetrieveInformationModelFind)]
+    ) as assoc:
         responses: Iterator[tuple[Dataset, Dataset | None]] = assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
         )
@@ -111,9 +96,6 @@ def _find(settings: Settings, peer: Peer, query: Dataset) -> list[Dataset]:
                 continue
             if code != SUCCESS:
                 raise PullFailed(f"{peer.name}: C-FIND status 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return matches
 
 
@@ -219,34 +201,27 @@ def _c_get(
     sessions: sessionmaker[Any],
     counters: dict[str, int],
 ) -> int:
-    ae = _make_ae(settings, StudyRootQueryRetrieveInformationModelGet)
     # One context per (SOP class, transfer syntax): the peer then sends each instance as stored
     # (JPEG Lossless stays JPEG Lossless) instead of transcoding to a single accepted syntax.
-    for sop_class in STORAGE_SOP_CLASSES:
-        for syntax in TRANSFER_SYNTAXES:
-            ae.add_requested_context(sop_class, syntax)
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)] + [
+        build_context(sop_class, syntax)
+        for sop_class in STORAGE_SOP_CLASSES
+        for syntax in TRANSFER_SYNTAXES
+    ]
     roles = [build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES]
     handlers = [(evt.EVT_C_STORE, handle_store, [spool, sessions, counters])]
-    assoc = _associate(ae, peer, ext_neg=roles, evt_handlers=handlers)
-    try:
+    with _associate(settings, peer, contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         return _final_count(responses, peer, "C-GET", str(query.SeriesInstanceUID))
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 def _c_move(settings: Settings, peer: Peer, query: Dataset) -> int:
-    ae = _make_ae(settings, StudyRootQueryRetrieveInformationModelMove)
-    assoc = _associate(ae, peer)
-    try:
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelMove)]
+    with _associate(settings, peer, contexts) as assoc:
         responses = assoc.send_c_move(
             query, settings.node.ae_title, StudyRootQueryRetrieveInformationModelMove
         )
         return _final_count(responses, peer, "C-MOVE", str(query.SeriesInstanceUID))
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 def _final_count(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,28 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
     yield factory
     for orthanc in reversed(started):
         orthanc.cleanup()
+
+
+@pytest.fixture
+def dropping_listener() -> Iterator[int]:
+    """A TCP port that accepts connections and closes them at once (not a DICOM peer)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = int(server.getsockname()[1])
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield port
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+    server.close()
+    thread.join(5)
 
 
 # --- node fixtures ------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -153,27 +151,6 @@ def test_check_config_invalid_config_same_exit_code(config: Path) -> None:
 
 
 # --- 4. what a missing PACS looks like ------------------------------------------------------------
-
-
-@pytest.fixture
-def dropping_listener() -> Iterator[int]:
-    """A TCP port that accepts connections and closes them at once (not a DICOM peer)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield port
-    server.close()
-    thread.join(5)
 
 
 def sr_file(tmp_path: Path) -> Path:

@@ -496,6 +496,10 @@ def test_pacs_down_past_the_retries_dead_letter_then_manual_retry(
     assert status["jobs_by_state"] == {"failed": 1}
     row = status["recent_series"][0]
     assert row["job_state"] == "failed" and "deliver failed 2 times" in row["last_error"]
+    # max_attempts 2 is two deliveries, each logged once with its number
+    tried = [line for line in rig.node.log_text().splitlines() if "delivery to pacs failed" in line]
+    assert len(tried) == 2, tried
+    assert "(attempt 1 of 2, now queued)" in tried[0] and "(attempt 2 of 2, now failed)" in tried[1]
     rig.orthanc.start()
     job_id = str(jobs(rig.db)[0][0])
     rig.node.cli("retry", job_id)
