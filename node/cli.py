@@ -1,4 +1,5 @@
-"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull``.
+"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull |
+resend | labels import | performance``.
 
 ``--config`` and ``--debug`` go before or after the command; without ``--config`` the file is
 ``$TRIAGE_CONFIG``, else ``config.yaml`` (``node.config.config_path``).  Exit codes: 0 done,
@@ -130,6 +131,49 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0 if count > 0 else 1
 
 
+def _iso_datetime(text: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date") from exc
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from node import jobs
+    from node.service import open_state
+
+    settings = _settings(args)
+    sessions, _ = open_state(settings)
+    ids = jobs.resend_shadowed(sessions, args.since)
+    print(f"{len(ids)} shadow result(s) since {args.since.isoformat()} queued for delivery")
+    if ids and settings.results.mode == "shadow":
+        print("results.mode is still shadow: they will be withheld again", file=sys.stderr)
+    return 0
+
+
+def cmd_labels_import(args: argparse.Namespace) -> int:
+    from node.labels import import_labels
+    from node.service import open_state
+
+    sessions, _ = open_state(_settings(args))
+    result = import_labels(sessions, Path(args.file))
+    print(f"labels: {result.added} new, {result.changed} changed, {result.unchanged} unchanged")
+    return 0
+
+
+def cmd_performance(args: argparse.Namespace) -> int:
+    from node.performance import collect_performance, format_performance
+    from node.service import open_state
+
+    sessions, _ = open_state(_settings(args))
+    report = collect_performance(sessions)
+    print(json.dumps(report, indent=2) if args.json else format_performance(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --config and --debug are accepted before and after the command: on the main parser and,
     # through ``common``, on every sub-command (SUPPRESS: an absent option never overwrites one
@@ -200,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accession", help="Accession Number")
     p.add_argument("--peer", help="peer name (default: the results peer)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "resend", parents=[common], help="send the results shadow mode withheld since a date"
+    )
+    p.add_argument("--since", type=_iso_datetime, required=True, help="ISO date or date-time")
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("labels", parents=[common], help="ground-truth labels")
+    labels = p.add_subparsers(dest="labels_command", required=True)
+    p = labels.add_parser(
+        "import", parents=[common], help="import labels from CSV (all rows or none)"
+    )
+    p.add_argument("file")
+    p.set_defaults(func=cmd_labels_import)
+
+    p = sub.add_parser(
+        "performance", parents=[common], help="sensitivity, specificity, AUC on labelled series"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_performance)
     return parser
 
 

@@ -154,6 +154,11 @@ class ResultSettings(_Strict):
         "SR in place of an sr it refuses",
     )
     outbox_dir: Path | None = Field(None, description="also write each result object here")
+    mode: Literal["shadow", "live"] = Field(
+        "live",
+        description="shadow: analyse, record and write the result objects (spool, outbox) but "
+        "send nothing to send_to; `triage-node resend --since` sends them after going live",
+    )
     series_number: int = Field(
         9901, ge=1, description="Series Number of the SR; kos, summary, text_sr: +1, +2, +3"
     )

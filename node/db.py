@@ -1,4 +1,5 @@
-"""State stage: engine, sessions and ORM models (series, instances, jobs).
+"""State stage: engine, sessions and ORM models (series, instances, jobs, shadow deliveries,
+labels and their audit trail).
 
 The database holds all state of the node, so a restart resumes where it stopped.  No patient
 name, ID or birth date is ever stored: series are identified by UIDs only.  Written against
@@ -124,6 +125,51 @@ class Job(Base):
     sr_path: Mapped[str] = mapped_column(Text, default="")
     analysis_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ShadowDelivery(Base):
+    """A delivery shadow mode (``results.mode: shadow``) withheld: the job is done, its result
+    objects are written, nothing was sent.  ``resent_at`` is set when ``resend`` requeues it."""
+
+    __tablename__ = "shadow_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    peer: Mapped[str] = mapped_column(String(64), default="")
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    resent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Label(Base):
+    """Ground truth for a series (``series_instance_uid``), a study or an accession number: one
+    of the three keys is set.  ``covid`` is None when the source did not say."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("key_kind", "key_value", name="uq_label_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_kind: Mapped[str] = mapped_column(String(16))  # series | study | accession
+    key_value: Mapped[str] = mapped_column(String(64), index=True)
+    pneumonia: Mapped[int] = mapped_column(Integer)
+    covid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    labelled_by: Mapped[str] = mapped_column(String(64))
+    labelled_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    source: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class LabelAudit(Base):
+    """Every change of a label: who, when, the label before (empty for a new one) and after."""
+
+    __tablename__ = "label_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), index=True)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    before_json: Mapped[str] = mapped_column(Text, default="")
+    after_json: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text, default="")
 
 
 def _sqlite_pragmas(busy_timeout_s: float) -> Any:

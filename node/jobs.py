@@ -4,7 +4,9 @@
 version; its failures become a "not analysed" report, not a retry) and ``deliver`` (sending the
 result objects).  Each claim runs one stage: a finished analysis queues its delivery, which the
 next claim takes (deliveries first).  Transient failures of either (network, disk full) are retried
-with exponential backoff, then dead-lettered as ``failed`` with the reason.
+with exponential backoff, then dead-lettered as ``failed`` with the reason.  In shadow mode a
+delivery ends ``done`` with a ``shadow_deliveries`` mark instead of sending; ``resend_shadowed``
+queues those deliveries again on request.
 
 ``attempts`` counts the claims of the current stage, and only ``claim_next`` counts them: a row
 that is being delivered reads ``running``, ``deliver``, ``attempts`` = this attempt, and
@@ -22,7 +24,16 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import RetrySettings
-from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
+from node.db import (
+    Instance,
+    Job,
+    JobStage,
+    JobState,
+    Series,
+    SeriesState,
+    ShadowDelivery,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +180,60 @@ def delivered(sessions: sessionmaker[Any], job_id: int) -> None:
 
 def finished_without_delivery(sessions: sessionmaker[Any], job_id: int) -> None:
     update_job(sessions, job_id, state=JobState.DONE, finished_at=utcnow(), last_error="")
+
+
+def shadowed(sessions: sessionmaker[Any], job_id: int, peer: str) -> None:
+    """Shadow mode withheld the delivery to ``peer``: the job is done, marked shadow, unsent."""
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state=JobState.DONE, finished_at=utcnow(), last_error="")
+        )
+        mark = session.scalars(
+            select(ShadowDelivery).where(ShadowDelivery.job_id == job_id)
+        ).one_or_none()
+        if mark is None:
+            session.add(ShadowDelivery(job_id=job_id, peer=peer))
+        else:  # resent while the node was still in shadow mode: withheld again
+            mark.peer, mark.recorded_at, mark.resent_at = peer, utcnow(), None
+
+
+def resend_shadowed(sessions: sessionmaker[Any], since: dt.datetime) -> list[int]:
+    """Queue for delivery the jobs shadow mode withheld since ``since`` and not resent yet;
+    return their ids.  Nothing else is ever re-sent: going live alone sends no old result."""
+    now = utcnow()
+    with sessions.begin() as session:
+        marks = session.scalars(
+            select(ShadowDelivery)
+            .join(Job, Job.id == ShadowDelivery.job_id)
+            .where(
+                ShadowDelivery.recorded_at >= since,
+                ShadowDelivery.resent_at.is_(None),
+                Job.state == JobState.DONE,
+                Job.sr_path != "",
+            )
+            .order_by(ShadowDelivery.job_id)
+        ).all()
+        ids = [m.job_id for m in marks]
+        for mark in marks:
+            mark.resent_at = now
+        if ids:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(
+                    state=JobState.QUEUED,
+                    stage=JobStage.DELIVER,
+                    attempts=0,
+                    next_attempt_at=now,
+                    finished_at=None,
+                    last_error="",
+                )
+            )
+    if ids:
+        logger.info("requeued %d shadow delivery(ies) for sending: jobs %s", len(ids), ids)
+    return ids
 
 
 def backoff(attempts: int, retry: RetrySettings) -> float:

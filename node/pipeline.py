@@ -332,10 +332,21 @@ def deliver(job: jobs.ClaimedJob, sr_path: Path, ctx: Context) -> str:
     """Send the result objects written with the SR at ``sr_path`` to the configured peer, as
     its profile says and it accepts (``outputs.chooser``), in one association: one attempt of
     the claimed ``deliver`` stage, retried with backoff on failure (``jobs.attempt_failed``).
-    Every attempt sends the whole set: the PACS keeps one copy of each."""
+    Every attempt sends the whole set: the PACS keeps one copy of each.  In shadow mode
+    (``results.mode: shadow``) nothing is sent: the job ends done, marked (``jobs.shadowed``)."""
     target = ctx.settings.results.send_to
     if target is None:
         jobs.finished_without_delivery(ctx.sessions, job.job_id)
+        return JobState.DONE
+    if ctx.settings.results.mode == "shadow":
+        jobs.shadowed(ctx.sessions, job.job_id, target)
+        logger.info(
+            "job %d series %s: shadow mode, nothing sent to %s (result objects kept in %s)",
+            job.job_id,
+            job.series_instance_uid,
+            target,
+            sr_path.parent,
+        )
         return JobState.DONE
     try:
         peer = ctx.settings.peer(target)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from node.config import Settings
-from node.db import Job, JobState, Series, make_engine, make_sessionmaker
+from node.db import Job, JobState, Series, ShadowDelivery, make_engine, make_sessionmaker
 
 
 def collect_status(settings: Settings, limit: int = 20) -> dict[str, Any]:
@@ -26,6 +26,11 @@ def collect_status(settings: Settings, limit: int = 20) -> dict[str, Any]:
             .order_by(Series.last_received_at.desc())
             .limit(limit)
         ).all()
+        shadow_jobs = set(
+            session.scalars(
+                select(ShadowDelivery.job_id).where(ShadowDelivery.resent_at.is_(None))
+            ).all()
+        )
         failed = session.execute(
             select(Job, Series.series_instance_uid)
             .join(Series, Series.id == Job.series_id)
@@ -54,9 +59,13 @@ def collect_status(settings: Settings, limit: int = 20) -> dict[str, Any]:
                 "attempts": job.attempts if job else None,
                 "last_error": job.last_error if job else None,
                 "delivered_at": job.delivered_at if job else None,
+                "shadow": bool(job and job.id in shadow_jobs),
             }
         )
     return {
+        "mode": settings.results.mode,
+        "send_to": settings.results.send_to,
+        "shadow_jobs": len(shadow_jobs),
         "series_by_state": series_counts,
         "jobs_by_state": job_counts,
         "recent_series": rows,
@@ -84,7 +93,18 @@ def _age(then: dt.datetime | None, now: dt.datetime) -> str:
 
 
 def format_status(report: dict[str, Any], now: dt.datetime) -> str:
+    mode = report.get("mode", "live")
+    if mode == "shadow":
+        headline = (
+            f"mode:   shadow: nothing is sent to {report.get('send_to')}; "
+            f"{report.get('shadow_jobs', 0)} result(s) withheld (`triage-node resend --since`)"
+        )
+    else:
+        headline = f"mode:   live: results go to {report.get('send_to') or 'nobody (kept local)'}"
+        if report.get("shadow_jobs"):
+            headline += f"; {report['shadow_jobs']} shadow result(s) unsent (`resend --since`)"
     lines = [
+        headline,
         "series: "
         + (", ".join(f"{k} {v}" for k, v in sorted(report["series_by_state"].items())) or "none"),
         "jobs:   "
@@ -95,11 +115,12 @@ def format_status(report: dict[str, Any], now: dt.datetime) -> str:
     ]
     for r in report["recent_series"]:
         finding = r["finding"] or ""
+        state = "shadow" if r.get("shadow") else (r["job_state"] or "-")
         if r["series_score"] is not None:
             finding = f"{finding} {r['series_score']:.2f}"
         lines.append(
             f"{r['series_instance_uid']:<66} {r['instances']:>4} {r['version']:>2} "
-            f"{r['series_state']:<9} {r['job_id'] or '-':>4} {r['job_state'] or '-':<8} "
+            f"{r['series_state']:<9} {r['job_id'] or '-':>4} {state:<8} "
             f"{r['job_stage'] or '-':<8} {finding[:14]:<14} {_age(r['last_received_at'], now):>6}"
         )
         if r["reject_reason"]:

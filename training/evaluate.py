@@ -23,6 +23,7 @@ import numpy as np
 
 from node.model_spec import MODEL_FILE, ModelSpec, load_spec
 from node.preprocess import Window, hounsfield, lung_fraction, read_dicom
+from node.stats import auc_ci95, roc_auc
 from training.dataset import (
     COVID,
     Row,
@@ -40,40 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
-
-
-def auc_ci95(
-    y: np.ndarray, s: np.ndarray, patient_ids: Sequence[str], n_boot: int = 2000, seed: int = 0
-) -> list[float] | None:
-    """95% interval of the ROC AUC by a patient-clustered, class-stratified bootstrap.
-
-    Slices of one patient are not independent, so patients (not slices) are resampled with
-    replacement, separately among patients with and without positive slices; ``None`` when
-    either group has fewer than two patients.  With few patients the interval is wide, which is
-    the point: it says how much a held-out AUC on this data can be trusted.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, pid in enumerate(patient_ids):
-        groups[pid].append(i)
-    pos_p = [np.array(ix) for ix in groups.values() if y[ix].any()]
-    neg_p = [np.array(ix) for ix in groups.values() if not y[ix].any()]
-    if len(pos_p) < 2 or len(neg_p) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n_boot):
-        pick = [pos_p[j] for j in rng.integers(len(pos_p), size=len(pos_p))]
-        pick += [neg_p[j] for j in rng.integers(len(neg_p), size=len(neg_p))]
-        ix = np.concatenate(pick)
-        if 0 < y[ix].sum() < len(ix):
-            aucs.append(roc_auc_score(y[ix], s[ix]))
-    lo, hi = np.percentile(aucs, [2.5, 97.5])
-    return [round(float(lo), 4), round(float(hi), 4)]
+    return roc_auc(y, s)
 
 
 def classification_metrics(

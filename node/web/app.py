@@ -121,6 +121,7 @@ class Console:
             score_curve=score_curve,
             model=ctx.model.spec,
             node=ctx.settings.node,
+            results=ctx.settings.results,
             refresh_s=REFRESH_S,
             states=dashboard.STATES,
         )
