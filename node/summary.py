@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 from highdicom.sc import SCImage
@@ -138,7 +139,7 @@ def _reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
 # --- Drawing -----------------------------------------------------------------------------------
 
 
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+Font: TypeAlias = ImageFont.FreeTypeFont | ImageFont.ImageFont
 _SPELLED = str.maketrans(
     {"\u2265": ">=", "\u2264": "<=", "\u00d7": "x", "\u2013": "-", "\u2014": "-", "\u2026": "..."}
 )  # >=, <=, times, en and em dash, ellipsis

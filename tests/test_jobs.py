@@ -199,11 +199,15 @@ def pacs() -> Iterator[Callable[[int], PACS]]:
         server.shutdown()
 
 
-def write_sr(results_dir: Path) -> Path:
+def write_sr(results_dir: Path, study_uid: str | None = None) -> Path:
     """A minimal Comprehensive 3D SR where ``outputs.write_outputs`` puts one."""
     ds = pydicom.Dataset()
     ds.SOPClassUID = Comprehensive3DSRStorage
     ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "TEST"
+    ds.Modality = "SR"
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

@@ -11,8 +11,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node import cli, jobs
@@ -22,6 +20,7 @@ from node.pipeline import Context
 from node.schedule import tick_work
 from node.service import open_state
 from tests.peers import Orthanc
+from tests.test_jobs import write_sr
 
 
 def make_context(tmp_path: Path, orthanc: Orthanc, mode: str) -> tuple[Context, Path]:
@@ -43,26 +42,6 @@ def make_context(tmp_path: Path, orthanc: Orthanc, mode: str) -> tuple[Context, 
     sessions, spool = open_state(settings)
     model: Any = None  # deliveries only: no model needed
     return Context(settings=settings, sessions=sessions, spool=spool, model=model), config
-
-
-def write_sr(results_dir: Path, study_uid: str) -> Path:
-    """A small Comprehensive 3D SR in the CT's study, where ``outputs.write_outputs`` puts one."""
-    ds = pydicom.Dataset()
-    ds.SOPClassUID = Comprehensive3DSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "SHADOW"
-    ds.Modality = "SR"
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    folder = results_dir / ds.SOPInstanceUID
-    folder.mkdir(parents=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def add_analysed_job(ctx: Context, n: int) -> tuple[int, Path]:

@@ -1,27 +1,18 @@
 """Web console, the Hounsfield analysis on show: the PO/PHO table and the key slices drawn.
 
-The verdict (``node.pipeline.analyse_files``) carries the numbers; to draw them, the series is
-read and segmented again with the same calls (``series_check`` -> ``lungs.read_volume`` ->
-``lungs.segment`` -> ``opacity.opacity_mask``), so the outlines and the red opacity map are the
-masks that were measured.  The masks live on the working grid (``masks.factor`` times coarser
-in-plane); they are repeated back up to the original pixels and drawn over the lung window.
+The verdict (``node.pipeline.analyse_series``) carries the numbers and, with ``draw=True``, the
+key slices drawn from the very masks that were measured (``node.figures.draw_key_slices``, the
+drawing the summary image shows too); this module only lays them out for the page.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-
-from node import lungs
-from node.figures import draw_key_slices
+from node.figures import KeyImage
 from node.opacity import BANDS, ZONES, Quantification, Region
-from node.pipeline import Context
-from node.preprocess import Window
-from node.series_check import SliceRef, order_and_check, read_headers
-from node.verdict import SeriesVerdict
 from node.web.render import rgb_data_uri
 
 logger = logging.getLogger(__name__)
@@ -50,16 +41,6 @@ class KeyView:
     image: str  # PNG data URI
 
 
-@dataclass(frozen=True)
-class SeriesVolume:
-    """A checked series read once: its slices in body-axis order and the HU volume."""
-
-    slices: list[SliceRef]
-    hu: np.ndarray
-    geometry: lungs.Geometry
-    padding_hu: float | None
-
-
 def region_rows(q: Quantification) -> tuple[RegionRow, ...]:
     """Whole lungs, then the upper/middle/lower zones, then the peripheral/central bands."""
     rows = [RegionRow("whole lung", "lung", q.lungs["left"], q.lungs["right"], q.total)]
@@ -74,27 +55,8 @@ def region_rows(q: Quantification) -> tuple[RegionRow, ...]:
     return tuple(rows)
 
 
-def read_series(paths: list[Path], ctx: Context) -> SeriesVolume:
-    """Read a series as the analysis does (raises ``SeriesRejected`` as it would)."""
-    slices = order_and_check(
-        read_headers(paths),
-        require_axial=ctx.settings.analysis.require_axial,
-        max_gap_factor=ctx.settings.analysis.max_gap_factor,
-    )
-    hu, geometry, padding = lungs.read_volume(slices)
-    return SeriesVolume(slices, hu, geometry, padding)
-
-
-def key_views(series: SeriesVolume, verdict: SeriesVerdict, window: Window) -> tuple[KeyView, ...]:
-    """The verdict's key slices with left/right lung outlines and the opacity map drawn over
-    (``node.figures.draw_key_slices``, the drawing the summary image shows too).
-
-    Raises ``SeriesRejected`` when the series cannot be segmented (it was, for the verdict).
-    """
-    if not verdict.key_slices:
-        return ()
-    masks = lungs.segment(series.hu, series.geometry, padding_hu=series.padding_hu)
-    drawn = draw_key_slices(series.hu, masks, series.slices, verdict.key_slices, window)
+def key_views(key_images: Sequence[KeyImage]) -> tuple[KeyView, ...]:
+    """The drawn key slices as page images (PNG data URIs)."""
     return tuple(
-        KeyView(d.rank, d.z, d.po, rgb_data_uri(d.rgb, max_size=KEY_VIEW_SIZE)) for d in drawn
+        KeyView(k.rank, k.z, k.po, rgb_data_uri(k.rgb, max_size=KEY_VIEW_SIZE)) for k in key_images
     )

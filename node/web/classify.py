@@ -1,10 +1,10 @@
 """Web console, upload-and-classify: one slice (PNG/JPG or DICOM) or a zipped DICOM series.
 
 Same code as the node: slices go through ``node.preprocess`` and the loaded model; a series goes
-through ``node.pipeline.analyse_files`` (the job's analysis) and ``node.report.build_report``, so
-its verdict and SR equal what the node would send for the same files.  For display the series is
-read once more: its key slices are drawn with the lung masks and opacity map
-(``node.web.analysis``) and every slice is scored again for the CNN's per-slice curve.
+through ``node.pipeline.analyse_series`` (the job's analysis) and ``node.report.build_report``, so
+its verdict and SR equal what the node would send for the same files.  The key slices come drawn
+from the masks the analysis measured (``analyse_series(draw=True)``); for the CNN's per-slice
+curve every slice is read and scored once more, the unselected ones too.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from node import preprocess
 from node.classify import collect_series
 from node.errors import InvalidInstance, SeriesRejected
 from node.infer import LoadedModel, decide_finding
-from node.pipeline import Context, analyse_files
+from node.pipeline import Context, analyse_series
 from node.report import build_report, write_report
 from node.series_check import order_and_check, read_headers
 from node.verdict import SeriesVerdict, SliceScore
-from node.web.analysis import KeyView, RegionRow, key_views, read_series, region_rows
+from node.web.analysis import KeyView, RegionRow, key_views, region_rows
 from node.web.render import CurvePoint, png_data_uri
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,8 @@ def classify_zip(path: Path, name: str, ctx: Context, store: ReportStore) -> Out
 
 def classify_series(paths: list[Path], ctx: Context, store: ReportStore) -> SeriesResult:
     """The node's analysis of one series, its SR, its key slices drawn and the CNN's curve."""
-    verdict, evidence = analyse_files(paths, ctx.model, ctx.settings)
+    analysis = analyse_series(paths, ctx.model, ctx.settings, draw=True)
+    verdict, evidence = analysis.verdict, analysis.evidence
     token = None
     if evidence and verdict.study_instance_uid:
         sr = build_report(verdict, evidence, series_number=ctx.settings.results.series_number)
@@ -259,20 +260,11 @@ def classify_series(paths: list[Path], ctx: Context, store: ReportStore) -> Seri
         write_report(sr, sr_path)
         token = store.put(f"SR_{sr.SOPInstanceUID}.dcm", sr_path.read_bytes())
     description = str(evidence[0].get("SeriesDescription", "")) if evidence else ""
-    views: tuple[KeyView, ...] = ()
     regions: tuple[RegionRow, ...] = ()
-    slices: Iterable[tuple[str, float, np.ndarray]]
     if verdict.analysed and verdict.quantification is not None:
         regions = region_rows(verdict.quantification)
-        try:
-            series = read_series(paths, ctx)
-            views = key_views(series, verdict, ctx.model.spec.window.as_window())
-            slices = ((r.sop_instance_uid, r.z, series.hu[i]) for i, r in enumerate(series.slices))
-        except SeriesRejected as exc:  # it was analysed from these files: should not happen
-            logger.warning("series %s: cannot draw it again: %s", verdict.series_instance_uid, exc)
-            slices = _readable_slices(paths, ctx)
-    else:
-        slices = _readable_slices(paths, ctx)
+    views = key_views(analysis.key_images)
+    slices = _readable_slices(paths, ctx)
     curve = slice_curve(slices, ctx, verdict.top_slices)
     return SeriesResult(verdict, description, curve, views, regions, token)
 
