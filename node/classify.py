@@ -11,11 +11,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pydicom
+from PIL import Image
 
 from node.config import Settings
 from node.infer import load_model
-from node.pipeline import analyse_files
-from node.report import build_report, write_report
+from node.outputs import KINDS, build_outputs
+from node.pipeline import analyse_series
+from node.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,16 @@ def collect_series(paths: list[Path]) -> dict[str, list[Path]]:
 
 
 def classify_paths(
-    paths: list[Path], settings: Settings, model_dir: Path, sr_dir: Path | None = None
+    paths: list[Path], settings: Settings, model_dir: Path, out_dir: Path | None = None
 ) -> list[dict[str, object]]:
+    """Analyse each series found under ``paths``; return its verdict as JSON.
+
+    With ``out_dir``, every result object the node can send (``outputs.KINDS``: the TID 1500 SR,
+    the key object selection, the summary image, the Basic Text SR), built exactly as the node
+    builds them, is written into ``out_dir/<Series Instance UID>/<kind>.dcm`` (``sr.dcm``,
+    ``kos.dcm``, ``summary.dcm``, ``text_sr.dcm``), plus ``summary.png`` (the summary image, to
+    open without a DICOM viewer); the JSON names every file.
+    """
     model = load_model(
         model_dir,
         runtime=settings.analysis.runtime,
@@ -47,14 +57,21 @@ def classify_paths(
     )
     results = []
     for series_uid, files in collect_series(paths).items():
-        verdict, evidence = analyse_files(files, model, settings)
-        result = verdict.as_json()
-        if sr_dir is not None and evidence:
-            sr = build_report(verdict, evidence, series_number=settings.results.series_number)
-            sr_dir.mkdir(parents=True, exist_ok=True)
-            target = sr_dir / f"{sr.SOPInstanceUID}.dcm"
-            write_report(sr, target)
-            result["sr_path"] = str(target)
+        analysis = analyse_series(files, model, settings, draw=out_dir is not None)
+        result = analysis.verdict.as_json()
+        if out_dir is not None and analysis.evidence:
+            objects = build_outputs(analysis, settings.results, kinds=KINDS)
+            folder = out_dir / series_uid
+            folder.mkdir(parents=True, exist_ok=True)
+            written = {}
+            for kind, ds in objects.items():
+                write_report(ds, folder / f"{kind}.dcm")
+                written[kind] = str(folder / f"{kind}.dcm")
+            if "summary" in objects:
+                Image.fromarray(objects["summary"].pixel_array).save(folder / "summary.png")
+                written["summary_png"] = str(folder / "summary.png")
+            result["sr_path"] = written["sr"]
+            result["objects"] = written
         logger.info("series %s: %s", series_uid, result["finding"] or "not analysed")
         results.append(result)
     return results

@@ -114,7 +114,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     model_dir = Path(args.model) if args.model else settings.model_dir
-    results = classify_paths([Path(p) for p in args.paths], settings, model_dir, sr_dir=args.sr_out)
+    results = classify_paths([Path(p) for p in args.paths], settings, model_dir, out_dir=args.out)
     for result in results:
         print(json.dumps(result))
     return 0
@@ -233,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+")
     p.add_argument("--model", help="model directory (default: model_dir from config)")
-    p.add_argument("--sr-out", type=Path, help="write each series' SR into this folder")
+    p.add_argument(
+        "--out",
+        "--sr-out",
+        dest="out",
+        type=Path,
+        help="write each series' result objects (SR, key images, summary image + PNG, text SR) "
+        "into this folder",
+    )
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser(

@@ -114,8 +114,10 @@ def build_outputs(
     results: ResultSettings,
     *,
     predecessor: PredecessorRef | None = None,
+    kinds: tuple[str, ...] | None = None,
 ) -> dict[str, Dataset]:
-    """Build every kind of ``kinds_to_build`` for one analysed series (KOS only with key slices).
+    """Build every kind of ``kinds_to_build`` (or of ``kinds``) for one analysed series (KOS
+    only with key slices).
 
     Parameters
     ----------
@@ -125,6 +127,9 @@ def build_outputs(
         The ``results`` settings (profiles, series numbers).
     predecessor
         The SR of the previous series version, named by the new SR.
+    kinds
+        What to build instead of the destination's profile (``classify --out``: all of
+        ``KINDS``); the SR is always built.
 
     Returns
     -------
@@ -138,7 +143,9 @@ def build_outputs(
             verdict, evidence, predecessor=predecessor, series_number=series_number(results, "sr")
         )
     }
-    for kind in kinds_to_build(results):
+    for kind in kinds_to_build(results) if kinds is None else kinds:
+        if kind == "sr":
+            continue
         number = series_number(results, kind)
         try:
             if kind == "kos":

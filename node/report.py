@@ -350,7 +350,25 @@ def build_report(
         ),
     )
     sr.add(patient_name)
+    separate_containers(sr)
     return sr
+
+
+def separate_containers(sr: Dataset) -> None:
+    """Mark every CONTAINER of ``sr`` ContinuityOfContent SEPARATE.
+
+    highdicom makes containers CONTINUOUS, which tells a viewer to read their items as one run of
+    prose: DCMTK's ``dsr2html`` then prints each measurement as a bare "1.94 %" without its
+    concept name ("Percentage of opacity").  Measurements are separate statements, and DCMTK's
+    and dcmqi's own TID 1500 documents mark their containers SEPARATE.
+    """
+    sr.ContinuityOfContent = "SEPARATE"
+    stack = list(sr.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        if item.get("ValueType") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        stack.extend(item.get("ContentSequence", []))
 
 
 def result_attributes(

@@ -45,7 +45,7 @@ from node.report import (
 )
 from node.sanitise import nameless_source
 from node.verdict import SeriesVerdict
-from node.wording import TRIAGE_AID, describe
+from node.wording import describe
 
 SERIES_DESCRIPTION = "Lung opacity triage (AI) text report - not a diagnosis"
 DOCUMENT_TITLE = codes.LN.DiagnosticImagingReport
@@ -150,7 +150,7 @@ def _content(verdict: SeriesVerdict, manufacturer: str) -> ContainerContentItem:
     root.ContentSequence = DicomSequence(
         [
             *device_observer(verdict, manufacturer),
-            _text(codes.DCM.Comment, f"{TRIAGE_AID}. {words.notices[0]}"),
+            _text(codes.DCM.Comment, words.notices[0]),  # the disclaimer
             findings,
             conclusions,
         ]
@@ -159,7 +159,9 @@ def _content(verdict: SeriesVerdict, manufacturer: str) -> ContainerContentItem:
 
 
 def _container(name: Any) -> ContainerContentItem:
-    item = ContainerContentItem(name=name, relationship_type=CONTAINS)
+    # SEPARATE: each finding is its own statement, shown with its name on its own line (as
+    # CONTINUOUS, a viewer runs them together into one paragraph: dsr2html did)
+    item = ContainerContentItem(name=name, relationship_type=CONTAINS, is_content_continuous=False)
     item.ContentSequence = DicomSequence()
     return item
 

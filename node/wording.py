@@ -18,8 +18,8 @@ TRIAGE_AID = "AI triage aid, not a diagnosis"
 """Burned into the summary image and the first line of every text report."""
 
 DISCLAIMER = (
-    "Triage aid only, not a diagnosis: produced by software (Hounsfield opacity measurement "
-    "and an AI model) without human review. A radiologist must read the images."
+    f"{TRIAGE_AID}: produced by software (Hounsfield opacity measurement and an AI model) "
+    "without human review. A radiologist must read the images."
 )
 MODEL_NOTICE_PREFIX = "Model notice: "
 NOT_ANALYSED_PREFIX = "Not analysed: "
