@@ -11,16 +11,28 @@ queues those deliveries again on request.
 ``attempts`` counts the claims of the current stage, and only ``claim_next`` counts them: a row
 that is being delivered reads ``running``, ``deliver``, ``attempts`` = this attempt, and
 ``max_attempts`` claims of a stage are all it gets.
+
+Any number of workers (threads or ``triage-node work`` processes on several machines) share the
+queue.  A claim is a lease: ``worker_id`` runs the job until ``lease_expires_at``, which its
+heartbeat (``extend_lease``) keeps pushing forward while the stage runs.  A worker that dies
+stops beating; once its lease expires any worker claims the job again, so nobody has to
+"requeue at start-up" (which would steal the running jobs of the other workers).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import RetrySettings
@@ -111,34 +123,143 @@ def rerun(sessions: sessionmaker[Any], series_id: int) -> int:
         return job.id
 
 
-def claim_next(sessions: sessionmaker[Any]) -> ClaimedJob | None:
-    """Atomically move the next due job to ``running``, count the attempt, and return it (None if
-    nothing is due).
+DEFAULT_LEASE_S = 60.0
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def worker_identity() -> str:
+    """This process as a worker, ``host:pid-namespace:pid`` (what ``jobs.worker_id`` records):
+    the namespace tells two containers with one host name apart."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def requeue_orphans(sessions: sessionmaker[Any]) -> int:
+    """At a worker's start-up: jobs left ``running`` by a worker of this host (same host name
+    and pid namespace) whose process is gone go back to ``queued`` at once, instead of waiting
+    for their lease to expire.  Jobs of live workers, and of other hosts, are left to their
+    leases: this never takes a job another worker is running."""
+    host, namespace, _ = worker_identity().rsplit(":", 2)
+    prefix = f"{host}:{namespace}:"
+    now = utcnow()
+    with sessions.begin() as session:
+        running = session.execute(
+            select(Job.id, Job.worker_id).where(
+                Job.state == JobState.RUNNING, Job.worker_id.startswith(prefix, autoescape=True)
+            )
+        ).all()
+        orphans = [
+            (job_id, worker)
+            for job_id, worker in running
+            if worker[len(prefix) :].isdigit() and not _pid_alive(int(worker[len(prefix) :]))
+        ]
+        count = 0
+        for job_id, worker in orphans:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker)
+                .values(state=JobState.QUEUED, next_attempt_at=now, lease_expires_at=None)
+            )
+            count += int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if count:
+        logger.info(
+            "requeued %d job(s) interrupted by a restart (their worker on this host is gone)",
+            count,
+        )
+    return count
+
+
+def _claimable(now: dt.datetime) -> ColumnElement[bool]:
+    """Due queued jobs, and running jobs whose worker's lease expired (the worker died, hung or
+    lost the database; a row without a lease was left running by a node older than leases)."""
+    return or_(
+        and_(Job.state == JobState.QUEUED, Job.next_attempt_at <= now),
+        and_(
+            Job.state == JobState.RUNNING,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+        ),
+    )
+
+
+def claim_next(
+    sessions: sessionmaker[Any],
+    *,
+    worker_id: str | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+    max_attempts: int | None = None,
+) -> ClaimedJob | None:
+    """Atomically move the next due job to ``running`` for ``worker_id``, leased for
+    ``lease_s`` seconds, count the attempt, and return it (None if nothing is due).
 
     Due deliveries come first: a finished analysis reaches the PACS before the next series is
-    analysed.  The conditional UPDATE (``WHERE state = 'queued'``) is the claim: if two workers
-    race, only one sees a row count of 1.  ``ClaimedJob.attempts`` is this attempt (1-based).
+    analysed.  A running job whose lease expired is claimable again: its worker is gone, so the
+    stage it was running is started over as a new attempt.  The worker keeps its lease alive
+    with ``extend_lease`` while the stage runs.  ``ClaimedJob.attempts`` is this attempt
+    (1-based); an expired job that already had ``max_attempts`` is dead-lettered instead (a
+    series that kills its worker every time must not kill them all).
+
+    Safe with any number of workers in any number of processes: on PostgreSQL the candidate
+    rows are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (a worker never waits for, nor
+    takes, a row another is claiming); everywhere the claim itself is a conditional UPDATE that
+    repeats the claimable condition, so of two racing workers only one sees a row count of 1
+    (on SQLite writers are serialised and the second one's WHERE no longer matches).
     """
+    worker = worker_id or worker_identity()
     now = utcnow()
     delivery_first = case((Job.stage == JobStage.DELIVER, 0), else_=1)
     with sessions.begin() as session:
         candidates = session.execute(
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED, Job.next_attempt_at <= now)
+            select(Job.id, Job.state, Job.attempts)
+            .where(_claimable(now))
             .order_by(delivery_first, Job.next_attempt_at, Job.id)
             .limit(5)
-        ).scalars()
-        for job_id in candidates:
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job_id, state, attempts in candidates:
+            if state == JobState.RUNNING and max_attempts is not None and attempts >= max_attempts:
+                _dead_letter_lost(session, job_id, now, attempts)
+                continue
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(state=JobState.RUNNING, started_at=now, attempts=Job.attempts + 1)
+                .where(Job.id == job_id, _claimable(now))
+                .values(
+                    state=JobState.RUNNING,
+                    started_at=now,
+                    attempts=Job.attempts + 1,
+                    worker_id=worker,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                )
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 job = session.get(Job, job_id)
                 assert job is not None
                 series = session.get(Series, job.series_id)
                 assert series is not None
+                if state == JobState.RUNNING:
+                    logger.warning(
+                        "job %d series %s: lease of the worker running its %s expired; "
+                        "reclaimed by %s as attempt %d",
+                        job.id,
+                        series.series_instance_uid,
+                        job.stage,
+                        worker,
+                        job.attempts,
+                    )
                 return ClaimedJob(
                     job_id=job.id,
                     stage=job.stage,
@@ -149,6 +270,82 @@ def claim_next(sessions: sessionmaker[Any]) -> ClaimedJob | None:
                     series_instance_uid=series.series_instance_uid,
                 )
     return None
+
+
+def _dead_letter_lost(session: Session, job_id: int, now: dt.datetime, attempts: int) -> None:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _claimable(now))
+        .values(
+            state=JobState.FAILED,
+            finished_at=now,
+            lease_expires_at=None,
+            last_error=f"its worker was lost (lease expired) in each of {attempts} attempts",
+        )
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        logger.error("job %d: worker lost in each of %d attempts: dead-lettered", job_id, attempts)
+
+
+@contextmanager
+def leased(
+    sessions: sessionmaker[Any], job: ClaimedJob, worker_id: str, lease_s: float
+) -> Iterator[None]:
+    """Keep ``worker_id``'s lease on ``job`` alive while the block runs: a heartbeat thread
+    renews it every third of ``lease_s``.  Should the lease be lost anyway (the worker stalled
+    longer than ``lease_s`` and another worker reclaimed the job) the heartbeat says so and
+    stops; the result objects' deterministic UIDs make a second delivery harmless."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                if extend_lease(sessions, job.job_id, worker_id, lease_s):
+                    continue
+                holder = _holder(sessions, job.job_id)
+            except SQLAlchemyError as exc:  # the database is away: try again next beat
+                logger.warning("job %d: lease not renewed: %s", job.job_id, exc)
+                continue
+            if holder is not None and not stop.is_set():
+                logger.warning(
+                    "job %d series %s: lease lost, the job is now %s's",
+                    job.job_id,
+                    job.series_instance_uid,
+                    holder,
+                )
+            return
+
+    thread = threading.Thread(target=beat, name=f"lease-job-{job.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _holder(sessions: sessionmaker[Any], job_id: int) -> str | None:
+    """The worker now running ``job_id``, or None when it is not running."""
+    with sessions() as session:
+        row = session.execute(
+            select(Job.state, Job.worker_id).where(Job.id == job_id)
+        ).one_or_none()
+    return row[1] if row is not None and row[0] == JobState.RUNNING else None
+
+
+def extend_lease(
+    sessions: sessionmaker[Any], job_id: int, worker_id: str, lease_s: float = DEFAULT_LEASE_S
+) -> bool:
+    """The heartbeat: keep ``worker_id``'s claim on the running job ``job_id`` for another
+    ``lease_s`` seconds.  False when the claim is no longer this worker's (the lease expired and
+    another worker reclaimed the job, or the job left ``running``)."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id)
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def update_job(sessions: sessionmaker[Any], job_id: int, **values: Any) -> None:
@@ -273,20 +470,6 @@ def failed(sessions: sessionmaker[Any], job_id: int, error: str) -> None:
     update_job(
         sessions, job_id, state=JobState.FAILED, finished_at=utcnow(), last_error=error[:2000]
     )
-
-
-def requeue_interrupted(sessions: sessionmaker[Any]) -> int:
-    """At start-up: jobs left ``running`` by a crash go back to ``queued``."""
-    with sessions.begin() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.state == JobState.RUNNING)
-            .values(state=JobState.QUEUED, next_attempt_at=utcnow())
-        )
-        count = int(result.rowcount or 0)  # type: ignore[attr-defined]
-    if count:
-        logger.info("requeued %d job(s) interrupted by a restart", count)
-    return count
 
 
 def retry(sessions: sessionmaker[Any], job_id: int) -> bool:

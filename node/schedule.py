@@ -1,7 +1,8 @@
 """Scheduling stage: APScheduler only ticks; all state lives in the database.
 
 Ticks: complete quiet series, run due jobs (analysis and delivery retries), purge old spool
-files, and (optionally) catch up on studies the PACS failed to forward.
+files, and (optionally) catch up on studies the PACS failed to forward.  A receiving process
+ticks completion, purge and catch-up; a working process ticks the jobs; ``serve`` ticks all.
 """
 
 from __future__ import annotations
@@ -26,14 +27,23 @@ def tick_complete(ctx: Context) -> None:
     complete_quiet_series(ctx.sessions, ctx.settings.series_quiet_seconds, ctx.settings.selection)
 
 
-def tick_work(ctx: Context, max_jobs: int = 50) -> int:
-    """Run due jobs one after another (one worker: inference uses both cores anyway)."""
+def tick_work(ctx: Context, max_jobs: int = 50, *, worker_id: str | None = None) -> int:
+    """Run due jobs one after another, each under this worker's lease (one worker per process:
+    inference uses every core anyway; more workers are more ``triage-node work`` processes)."""
+    worker = worker_id or jobs.worker_identity()
+    lease_s = ctx.settings.workers.lease_s
     done = 0
     while done < max_jobs:
-        job = jobs.claim_next(ctx.sessions)
+        job = jobs.claim_next(
+            ctx.sessions,
+            worker_id=worker,
+            lease_s=lease_s,
+            max_attempts=ctx.settings.results.retry.max_attempts,
+        )
         if job is None:
             break
-        run_job(job, ctx)
+        with jobs.leased(ctx.sessions, job, worker, lease_s):
+            run_job(job, ctx)
         done += 1
     return done
 
@@ -66,13 +76,24 @@ def tick_purge(ctx: Context) -> int:
 
 
 def make_scheduler(
-    ctx: Context, extra: Sequence[tuple[Callable[[], object], float]] = ()
+    ctx: Context,
+    extra: Sequence[tuple[Callable[[], object], float]] = (),
+    *,
+    receive: bool = True,
+    work: bool = True,
 ) -> BackgroundScheduler:
+    """The ticks of a process that ``receive``s (completion, purge, ``extra``: catch-up),
+    ``work``s (claim and run jobs), or both (``serve``)."""
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
     tick = ctx.settings.scheduler_tick_s
-    scheduler.add_job(tick_complete, "interval", seconds=tick, args=[ctx], id="complete")
-    scheduler.add_job(tick_work, "interval", seconds=tick, args=[ctx], id="work")
-    scheduler.add_job(tick_purge, "interval", seconds=3600, args=[ctx], id="purge")
+    if receive:
+        scheduler.add_job(tick_complete, "interval", seconds=tick, args=[ctx], id="complete")
+        scheduler.add_job(tick_purge, "interval", seconds=3600, args=[ctx], id="purge")
+    if work:
+        worker = jobs.worker_identity()
+        scheduler.add_job(
+            tick_work, "interval", seconds=tick, args=[ctx], kwargs={"worker_id": worker}, id="work"
+        )
     for i, (func, seconds) in enumerate(extra):
         scheduler.add_job(
             func, "interval", seconds=seconds, id=f"extra{i}", next_run_time=dt.datetime.now()

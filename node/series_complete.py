@@ -112,10 +112,13 @@ def complete_quiet_series(
     cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
     queued: list[int] = []
     with sessions.begin() as session:
+        # locked (PostgreSQL; SQLite's writer lock serialises anyway) so that an instance
+        # recorded right now waits and then opens a new version, instead of landing in the
+        # version being completed; SKIP LOCKED: a series being recorded is quiet no longer
         candidates = session.scalars(
-            select(Series).where(
-                Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff
-            )
+            select(Series)
+            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+            .with_for_update(skip_locked=True)
         ).all()
         for series in candidates:
             job_id = _complete(session, series, rules, f"after {quiet_seconds:g} s quiet")

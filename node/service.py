@@ -1,4 +1,5 @@
-"""Service: wire settings, database, spool, model, receiver and scheduler into one process."""
+"""Service: wire settings, database, spool, model, receiver and scheduler into a process that
+receives, works, or both (``serve``)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import jobs
+from node.challenger import load_challenger
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
+from node.drift import run_drift
 from node.errors import PortUnavailable
 from node.infer import load_model
+from node.model_spec import load_spec
 from node.pipeline import Context
 from node.receive import start_receiver
 from node.schedule import make_scheduler
@@ -37,7 +41,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Running:
     ctx: Context
-    server: ThreadedAssociationServer
+    server: ThreadedAssociationServer | None  # None in a process that only works
     scheduler: BackgroundScheduler
     counters: dict[str, int]
     web: WebServer | None = None  # the web console, when enabled and bound
@@ -45,8 +49,9 @@ class Running:
     def stop(self) -> None:
         if self.web is not None:
             self.web.stop()
-        self.server.shutdown()
-        self.scheduler.shutdown(wait=True)
+        if self.server is not None:
+            self.server.shutdown()
+        self.scheduler.shutdown(wait=True)  # a job in progress finishes first
         logger.info("stopped")
 
 
@@ -117,36 +122,69 @@ def check_port_free(host: str, port: int, setting: str) -> None:
             ) from exc
 
 
-def start(settings: Settings) -> Running:
-    """Start receiving and working; returns at once (everything runs in background threads)."""
-    check_port_free(settings.node.bind_address, settings.node.port, "node.port")
+def start(settings: Settings, *, receive: bool = True, work: bool = True) -> Running:
+    """Start receiving and/or working; returns at once (everything runs in background threads).
+
+    ``receive``: the DICOM listener, series completion (quiet timers, release), spool purge,
+    catch-up and the web console.  ``work``: claim jobs from the queue and run them (analyse,
+    report, deliver).  ``serve`` is both; ``triage-node receive`` and any number of
+    ``triage-node work`` processes, on one or several machines sharing the spool path and the
+    database, split them.  The model is loaded by workers, and by a receiver only for its web
+    console (``/classify``, the model card).
+    """
+    if not (receive or work):
+        raise ValueError("start: nothing to do (neither receive nor work)")
+    if receive:
+        check_port_free(settings.node.bind_address, settings.node.port, "node.port")
     os.umask(0o077)  # spool, SRs, database, outbox: owner-only, whoever creates them
     sessions, spool = open_state(settings)
-    model = load_model(
-        settings.model_dir,
-        runtime=settings.analysis.runtime,
-        cache_dir=settings.storage.spool_dir / ".models",
+    model = None
+    if work or settings.web.enabled:
+        model = load_model(
+            settings.model_dir,
+            runtime=settings.analysis.runtime,
+            cache_dir=settings.storage.spool_dir / ".models",
+        )
+    challenger = load_challenger(settings) if work else None
+    ctx = Context(
+        settings=settings,
+        sessions=sessions,
+        spool=spool,
+        model=model,  # type: ignore[arg-type]  # None only in a receiver without console
+        challenger=challenger,
     )
-    ctx = Context(settings=settings, sessions=sessions, spool=spool, model=model)
-    jobs.requeue_interrupted(sessions)
-    restart_quiet_timers(sessions)
+    if work:
+        jobs.requeue_orphans(sessions)
+    if receive:
+        restart_quiet_timers(sessions)
     counters: dict[str, int] = {}
     extra: list[tuple[Callable[[], object], float]] = []
-    if settings.catch_up.enabled:
+    if receive and settings.catch_up.enabled:
         from node.pull import catch_up
 
         extra.append((lambda: catch_up(ctx), settings.catch_up.interval_s))
-    scheduler = make_scheduler(ctx, extra)
-    server = start_receiver(settings, spool, sessions, counters)
+    if receive and settings.drift.enabled:
+        spec = model.spec if model is not None else load_spec(settings.model_dir)
+        extra.append(
+            (
+                lambda: run_drift(sessions, spec, settings.drift),
+                settings.drift.interval_hours * 3600,
+            )
+        )
+    scheduler = make_scheduler(ctx, extra, receive=receive, work=work)
+    server = start_receiver(settings, spool, sessions, counters) if receive else None
     scheduler.start()
-    from node.web.server import start_console
+    web = None
+    if receive:
+        from node.web.server import start_console
 
-    return Running(ctx, server, scheduler, counters, start_console(ctx))
+        web = start_console(ctx)
+    return Running(ctx, server, scheduler, counters, web)
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM."""
-    running = start(settings)
+def serve(settings: Settings, *, receive: bool = True, work: bool = True) -> None:
+    """Run until SIGINT/SIGTERM: ``serve`` (both), ``receive`` or ``work`` (``start``)."""
+    running = start(settings, receive=receive, work=work)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -155,6 +193,7 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    logger.info("ready")
+    role = "receiving and working" if receive and work else "receiving" if receive else "working"
+    logger.info("ready (%s)", role)
     stop.wait()
     running.stop()

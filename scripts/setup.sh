@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Idempotent machine setup, by purpose:
-#   setup.sh [node]  what the node needs to run: .venv with the project (start.sh)
+#   setup.sh [node]  what the node needs to run: .venv with the project (start.sh); no TensorFlow:
+#                    the model runs in LiteRT from its model.tflite (the `tensorflow` group, which
+#                    `test` includes, is only needed for training or a model without one)
 #   setup.sh demo    + DCMTK and Orthanc, for the README's demo (demo-orthanc.sh)
 #   setup.sh test    + what the tests need: dicom3tools, openssl, Chromium and its driver,
-#                    tcmalloc (bench), and the test dependency group incl. Playwright (test.sh)
-# Services: installing the `orthanc` package starts Debian's own Orthanc on 4242/8042. Only when
-# this run installed that package (so the service is one we started) is it stopped and disabled;
-# an Orthanc that was already installed, maybe the hospital's PACS, is never touched.
+#                    tcmalloc (bench), PostgreSQL (tests/pg.py), and the test dependency group
+#                    incl. Playwright (test.sh)
+# Services: installing the `orthanc` package starts Debian's own Orthanc on 4242/8042 (and
+# `postgresql` a cluster on 5432). Only when this run installed that package (so the service is
+# one we started) is it stopped and disabled; an Orthanc or PostgreSQL that was already
+# installed, maybe the hospital's, is never touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 purpose=${1:-node}
 case "$purpose" in
   node) apt_pkgs=() ;;
   demo) apt_pkgs=(dcmtk orthanc) ;;
-  test) apt_pkgs=(dcmtk orthanc dicom3tools openssl chromium chromium-driver libtcmalloc-minimal4) ;;
+  test) apt_pkgs=(dcmtk orthanc dicom3tools openssl chromium chromium-driver libtcmalloc-minimal4
+                  postgresql) ;;
   *) echo "usage: $0 [node|demo|test]" >&2; exit 2 ;;
 esac
 
@@ -36,6 +41,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: stopping and disabling the orthanc service this install started" >&2
     $SUDO systemctl disable --now orthanc >/dev/null 2>&1 \
       || $SUDO service orthanc stop >/dev/null 2>&1 || true
+  fi
+  if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+    # Likewise Debian's own cluster: the tests start a throwaway one of their own (tests/pg.py).
+    echo "setup: stopping and disabling the postgresql service this install started" >&2
+    $SUDO systemctl disable --now postgresql >/dev/null 2>&1 \
+      || $SUDO service postgresql stop >/dev/null 2>&1 || true
   fi
 fi
 

@@ -62,3 +62,30 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), ["non-COVID", "COVID-19"])
+
+
+# --- databases: SQLite and a throwaway PostgreSQL cluster (tests/pg.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """One PostgreSQL server for the session (fails under CI=true when PostgreSQL is missing)."""
+    from tests.pg import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Any) -> str:
+    """URL of a new, empty PostgreSQL database for this test."""
+    return str(postgres_cluster.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test runs twice: on a SQLite file in ``tmp_path`` and on a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    return str(request.getfixturevalue("postgres_url"))

@@ -85,7 +85,9 @@ def fake_host(tmp_path: Path) -> Callable[..., tuple[int, list[str]]]:
     return run
 
 
-TEST_PKGS = "dcmtk orthanc dicom3tools openssl chromium chromium-driver libtcmalloc-minimal4"
+TEST_PKGS = (
+    "dcmtk orthanc dicom3tools openssl chromium chromium-driver libtcmalloc-minimal4 postgresql"
+)
 
 
 def installs(calls: list[str]) -> list[str]:
@@ -95,7 +97,7 @@ def installs(calls: list[str]) -> list[str]:
 def test_setup_never_touches_an_orthanc_it_did_not_install(
     fake_host: Callable[..., tuple[int, list[str]]],
 ) -> None:
-    code, calls = fake_host("setup.sh", "test", installed=("orthanc",))
+    code, calls = fake_host("setup.sh", "test", installed=("orthanc", "postgresql"))
     assert code == 0
     assert installs(calls) == [
         "apt-get install -y -qq dcmtk dicom3tools openssl chromium chromium-driver "
