@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick] [--out PATH]``: run the benchmarks, print and save JSON.
 
 Each benchmark runs in its own process (``python -m bench.<module>``), so imports, threads and
-peak memory of one never colour another.  Without names all six run in issue order.  Results are
+peak memory of one never colour another.  Without names all eight run in issue order.  Results are
 merged into ``bench/results.json`` (a full run) or ``bench/out/results-quick.json`` (``--quick``,
 a smoke run whose figures mean nothing), one entry per benchmark with the machine it ran on.
 """
@@ -26,6 +26,10 @@ BENCHMARKS: dict[str, tuple[str, dict[str, str]]] = {
     "scale": ("bench.scale", {}),
     # runs its one-thread and node-default configurations in children of its own
     "lungs": ("bench.lungs", {}),
+    # node start-up (import + model load), peak RSS and install size: LiteRT alone vs TensorFlow
+    "startup": ("bench.startup", {}),
+    # analyse_series on 300 slices, the CNN beside the lung analysis vs one after the other
+    "analysis": ("bench.analysis", {}),
 }
 RESULTS = REPO / "bench" / "results.json"
 QUICK_RESULTS = REPO / "bench" / "out" / "results-quick.json"
@@ -84,9 +88,11 @@ def table(document: dict[str, Any]) -> str:
         "ingest: node instances/s (MB/s)",
         f"{_get(ing, 'node', 'instances_per_s')} ({_get(ing, 'node', 'mb_per_s')})",
     )
+    add("ingest: Orthanc instances/s (same run)", _get(ing, "orthanc", "instances_per_s"))
     add(
         "ingest: ratio node / storescp", _get(ing, "ratio_node_to_storescp_paired_median"), ">= 0.6"
     )
+    add("ingest: ratio node / Orthanc", _get(ing, "ratio_node_to_orthanc"), ">= 1")
     pre = b.get("preprocessing", {})
     add("preprocessing: slices/s, 1 core", _get(pre, "vectorised_slices_per_s"), ">= 300")
     add("preprocessing: thesis loop slices/s", _get(pre, "thesis_loop_slices_per_s"))
@@ -131,6 +137,20 @@ def table(document: dict[str, Any]) -> str:
             f"{_get(lu, key, 'peak_rss_mb')}",
             "<= 1.5 s",
         )
+    st = b.get("startup", {})
+    add(
+        "startup: import + model load s, before (TensorFlow) -> after (LiteRT alone)",
+        f"{_get(st, 'startup_s', 'before')} -> {_get(st, 'startup_s', 'after')}",
+    )
+    add(
+        "startup: peak RSS MB, before -> after",
+        f"{_get(st, 'peak_rss_mb', 'before')} -> {_get(st, 'peak_rss_mb', 'after')}",
+    )
+    add(
+        "startup: install MB with -> without TensorFlow",
+        f"{_get(st, 'install', 'with_tensorflow_mb')} -> "
+        f"{_get(st, 'install', 'without_tensorflow_mb')}",
+    )
     lines = ["| figure | value | target |", "| --- | --- | --- |"]
     lines += [f"| {label} | {value} | {goal} |" for label, value, goal in rows]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Inference stage: load the Keras model once, score slices, reduce them to a series verdict.
+"""Inference stage: load the model once (LiteRT or Keras), score slices, reduce to a verdict.
 
 What to do with the slices (window, input size, which slices, the series rule) comes from the
 model's ``model.json`` (``node.model_spec``), never from constants here.
@@ -16,8 +16,15 @@ import numpy as np
 
 from node import preprocess
 from node.errors import InferenceFailed, ModelError, SeriesRejected
-from node.model_spec import MODEL_FILE, ModelSpec, SeriesRule, file_sha256, load_spec
-from node.runtime import RuntimeName, TFLiteRunner, select_runtime
+from node.model_spec import (
+    MODEL_FILE,
+    TFLITE_FILE,
+    ModelSpec,
+    SeriesRule,
+    file_sha256,
+    load_spec,
+)
+from node.runtime import RuntimeMismatch, RuntimeName, TFLiteRunner, load_shipped, select_runtime
 from node.series_check import SliceRef
 from node.verdict import AlgorithmInfo, SliceScore
 
@@ -29,9 +36,9 @@ TOP_SLICES_REPORTED = 5
 @dataclass(frozen=True)
 class LoadedModel:
     spec: ModelSpec
-    keras_model: Any
+    keras_model: Any  # None when the shipped model.tflite runs without TensorFlow
     directory: Path
-    runner: TFLiteRunner | None = None  # the faster runtime, when it matched Keras at load
+    runner: TFLiteRunner | None = None  # the faster runtime, when it matched Keras
 
     @property
     def runtime(self) -> str:
@@ -62,10 +69,19 @@ def load_model(
     runtime: RuntimeName = "keras",
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load ``model.keras`` + ``model.json``; refuse a file whose sha256 differs from the spec.
+    """Load the model in ``model_dir``; refuse a ``model.keras`` whose sha256 differs from the spec.
 
-    ``runtime="auto"`` also converts the model to LiteRT (cached in ``cache_dir``) and uses it
-    when it matches Keras (``node.runtime``); ``"keras"`` never converts.
+    ``runtime="auto"`` (or ``"tflite"``) uses the shipped ``model.tflite`` with LiteRT alone,
+    without importing TensorFlow, when it is verified (``node.runtime.load_shipped``); otherwise
+    (logged) TensorFlow loads ``model.keras``, converts it to LiteRT (cached in ``cache_dir``) and
+    uses the conversion when it matches Keras, else (``auto`` only) Keras.  ``"keras"`` always
+    runs Keras.
+
+    Raises
+    ------
+    ModelError
+        A missing or invalid model, a hash mismatch, a shape other than the spec's, no verified
+        ``model.tflite`` and no TensorFlow installed, or ``runtime="tflite"`` unusable.
     """
     spec = load_spec(model_dir)
     actual = ""
@@ -76,18 +92,18 @@ def load_model(
             f"{model_dir / MODEL_FILE}: sha256 {actual[:12]}... differs from model.json "
             f"{spec.sha256[:12]}... (corrupted or replaced)"
         )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras  # heavy import: only when a model is actually loaded
-
-    try:
-        model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
-    except Exception as exc:
-        raise ModelError(f"{model_dir / MODEL_FILE}: cannot load: {exc}") from exc
-    expected = (None, spec.input_size, spec.input_size, 1)
-    if tuple(model.input_shape) != expected:
-        raise ModelError(
-            f"model input shape {model.input_shape} differs from model.json {expected}"
-        )
+    if runtime != "keras":
+        try:
+            shipped = load_shipped(model_dir, spec)
+        except RuntimeMismatch as exc:
+            log = logger.info if spec.tflite is None else logger.warning
+            log("shipped LiteRT model not used: %s; loading model.keras with TensorFlow", exc)
+        else:
+            logger.info(
+                "model %s %s loaded from %s (runtime tflite)", spec.name, spec.version, model_dir
+            )
+            return LoadedModel(spec, None, model_dir, shipped)
+    model = _load_keras(model_dir, spec)
     runner = select_runtime(model, runtime, actual, cache_dir)
     logger.info(
         "model %s %s loaded from %s (runtime %s)",
@@ -97,6 +113,29 @@ def load_model(
         runner.name if runner is not None else "keras",
     )
     return LoadedModel(spec, model, model_dir, runner)
+
+
+def _load_keras(model_dir: Path, spec: ModelSpec) -> Any:
+    """``model.keras`` in Keras (imports TensorFlow), its input shape checked against the spec."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras  # heavy import: only when the Keras file is actually needed
+    except ImportError as exc:
+        raise ModelError(
+            f"{model_dir}: no verified {TFLITE_FILE} to run with LiteRT and TensorFlow/Keras is "
+            f"not installed to load {MODEL_FILE} ({exc}); install the project with TensorFlow "
+            "or ship the model.tflite that training exports"
+        ) from exc
+    try:
+        model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    except Exception as exc:
+        raise ModelError(f"{model_dir / MODEL_FILE}: cannot load: {exc}") from exc
+    expected = (None, spec.input_size, spec.input_size, 1)
+    if tuple(model.input_shape) != expected:
+        raise ModelError(
+            f"model input shape {model.input_shape} differs from model.json {expected}"
+        )
+    return model
 
 
 def _prepare(

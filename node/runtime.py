@@ -1,11 +1,16 @@
-"""Inference stage, runtime: the Keras model in LiteRT (TFLite) with XNNPACK, when it agrees.
+"""Inference stage, runtime: the model in LiteRT (TFLite) with XNNPACK, without TensorFlow.
 
 Measured on the 2-core machines (``python -m bench inference``), the same network runs several
-times faster in the LiteRT interpreter with its default XNNPACK delegate than in Keras.  The Keras
-file stays the one source of truth: at load it is converted to a ``.tflite`` flatbuffer, cached
-under ``cache_dir`` by the Keras file's sha256 (so nothing but ``model.keras`` is shipped), and used
-only if its probabilities match Keras on a few probe inputs (max difference ``TOLERANCE``).
-Otherwise the node falls back to Keras and says why in the log.
+times faster in the LiteRT interpreter with its default XNNPACK delegate than in Keras, and the
+node starts faster and smaller without TensorFlow (``python -m bench.startup``).  In order:
+
+1. ``model.tflite`` shipped beside ``model.keras`` (``training/export.py``): used with LiteRT
+   alone, TensorFlow never imported, when its sha256 is the one ``model.json`` records
+   (``tflite``), it was exported from this ``model.keras``, and LiteRT here reproduces the Keras
+   probabilities recorded for the probe inputs (max difference ``TOLERANCE``).
+2. Otherwise (none shipped, or it fails a check, logged): TensorFlow loads ``model.keras``,
+   converts it to a flatbuffer cached under ``cache_dir`` by the Keras file's sha256, and uses it
+   only if its probabilities match Keras on the probe inputs; else Keras itself, logged.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from node.errors import ModelError
 from node.spool import write_atomic
+
+if TYPE_CHECKING:
+    from node.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,20 @@ def convert_to_tflite(keras_model: Any) -> bytes:
         return bytes(converter.convert())
 
 
+def default_threads() -> int:
+    """Interpreter threads: all cores.
+
+    In the pipeline the interpreter scores slices while the Hounsfield analysis runs in the other
+    thread (``node.pipeline._measure``).  On the shared 2-core machine, 2 interpreter threads
+    beside it finished a 300-slice series sooner than 1 in the quietest measurement (3.1 s vs
+    3.8 s, both ahead of the 4.7 s of the two one after the other), though not in every busy
+    one; the outputs are identical either way (``python -m bench.analysis``).
+    """
+    return os.cpu_count() or 1
+
+
 class TFLiteRunner:
-    """One LiteRT interpreter (XNNPACK, all cores), called ``invoke_batch`` slices at a time."""
+    """One LiteRT interpreter (XNNPACK), called ``invoke_batch`` slices at a time."""
 
     name = "tflite"
 
@@ -81,12 +101,15 @@ class TFLiteRunner:
         self, flatbuffer: bytes, num_threads: int | None = None, invoke_batch: int = INVOKE_BATCH
     ) -> None:
         self.invoke_batch = invoke_batch
-        self._threads = num_threads or os.cpu_count() or 1
-        self._interpreter = _interpreter_class()(
-            model_content=flatbuffer, num_threads=self._threads
+        self.threads = num_threads or default_threads()
+        self._interpreter = _interpreter_class()(model_content=flatbuffer, num_threads=self.threads)
+        inp, out = (
+            self._interpreter.get_input_details()[0],
+            self._interpreter.get_output_details()[0],
         )
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._input, self._output = inp["index"], out["index"]
+        self.input_shape = tuple(int(v) for v in inp["shape"][1:])  # (H, W, C)
+        self.classes = int(out["shape"][-1])
         self._batch = -1
         self._lock = threading.Lock()  # an interpreter is not thread-safe
 
@@ -184,3 +207,74 @@ def select_runtime(
             raise ModelError(f"runtime tflite requested but unusable: {exc}") from exc
         logger.warning("falling back to Keras: %s", exc)
         return None
+
+
+def versions() -> dict[str, str]:
+    """Installed converter and runtime versions, as recorded in ``model.json``'s ``tflite``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "ai-edge-litert"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def load_shipped(model_dir: Path, spec: ModelSpec) -> TFLiteRunner:
+    """The ``model.tflite`` shipped in ``model_dir``, verified, in LiteRT (no TensorFlow).
+
+    Raises
+    ------
+    RuntimeMismatch
+        Saying why it cannot be used: none recorded in ``model.json`` or none on disk, a sha256
+        other than the recorded one (tampered or replaced), exported from another
+        ``model.keras``, a shape other than the spec's, or probabilities on the probe inputs
+        that differ from the recorded Keras ones by more than ``TOLERANCE``.
+    """
+    from node.model_spec import TFLITE_FILE, file_sha256
+
+    path = model_dir / TFLITE_FILE
+    record = spec.tflite
+    if record is None:
+        raise RuntimeMismatch(f"model.json records no {TFLITE_FILE}")
+    if not path.is_file():
+        raise RuntimeMismatch(f"{path} is missing")
+    flatbuffer = path.read_bytes()
+    digest = file_sha256(path)
+    if digest != record.sha256:
+        raise RuntimeMismatch(
+            f"{path}: sha256 {digest[:12]}... differs from model.json tflite.sha256 "
+            f"{record.sha256[:12]}... (corrupted or replaced)"
+        )
+    if record.keras_sha256 != spec.sha256:
+        raise RuntimeMismatch(f"{path} was exported from another model.keras")
+    try:
+        runner = TFLiteRunner(flatbuffer)
+    except Exception as exc:  # the interpreter raises many types on a bad flatbuffer
+        reason = f"{path}: LiteRT cannot load it: {type(exc).__name__}: {exc}"
+        raise RuntimeMismatch(reason) from exc
+    expected_shape = (spec.input_size, spec.input_size, 1)
+    if runner.input_shape != expected_shape or runner.classes != len(spec.classes):
+        raise RuntimeMismatch(
+            f"{path}: input {runner.input_shape} and {runner.classes} classes, model.json says "
+            f"{expected_shape} and {len(spec.classes)}"
+        )
+    expected = np.asarray(record.probe_probabilities, np.float32)
+    actual = runner.predict(probe_inputs(expected_shape, len(expected)))
+    diff = float(np.max(np.abs(actual - expected))) if actual.shape == expected.shape else np.inf
+    if not diff <= TOLERANCE:
+        raise RuntimeMismatch(
+            f"{path}: LiteRT here differs from the recorded Keras probabilities by {diff:.2e} "
+            f"> {TOLERANCE:g}"
+        )
+    logger.info(
+        "LiteRT/XNNPACK runtime from the shipped %s, %d thread(s), without TensorFlow "
+        "(probe difference to Keras %.1e here, %.1e at export)",
+        TFLITE_FILE,
+        runner.threads,
+        diff,
+        record.max_abs_prob_diff,
+    )
+    return runner

@@ -1,13 +1,20 @@
-"""infer.reduce_scores: slice scores -> one series verdict, by the rule in model.json."""
+"""infer.reduce_scores: slice scores -> one series verdict, by the rule in model.json; the CNN
+scoring beside the Hounsfield analysis (pipeline._measure): failures and refusals in order."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from node.infer import TOP_SLICES_REPORTED, reduce_scores
+from node import pipeline
+from node.config import Settings
+from node.errors import InferenceFailed, SeriesRejected
+from node.infer import TOP_SLICES_REPORTED, LoadedModel, load_model, reduce_scores
 from node.model_spec import ModelSpec
+from node.pipeline import analyse_files
 from node.preprocess import PREPROCESSING_VERSION
 from node.verdict import SliceScore
 
@@ -93,3 +100,51 @@ def test_at_most_the_top_slices_reported_are_kept_highest_first() -> None:
     assert len(reduction.top_slices) == TOP_SLICES_REPORTED == 5
     assert [s.positive_score for s in reduction.top_slices] == [0.9, 0.8, 0.5, 0.4, 0.3]
     assert reduction.top_slices[0].sop_instance_uid == "1.2.826.0.2.3"
+
+
+# --------------------------------------------------------------------------------------------
+# The CNN scores in a second thread while the Hounsfield analysis runs (pipeline._measure)
+
+
+@pytest.fixture
+def slab() -> list[Path]:
+    """MIDRC-RICORD-1A 000006: 10 real slices, 3 mm apart (30 mm of lung)."""
+    from tests.test_coverage import slab_files
+
+    return slab_files()
+
+
+def _settings(**analysis: float) -> Settings:
+    return Settings.model_validate({"results": {"send_to": None}, "analysis": analysis})
+
+
+def test_a_cnn_failure_in_its_thread_gives_a_not_analysed_verdict(
+    tiny_model_dir: Path, slab: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(tiny_model_dir)
+    assert analyse_files(slab, model, _settings())[0].analysed
+
+    def broken(self: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        raise InferenceFailed("model call failed: interpreter exploded")
+
+    monkeypatch.setattr(LoadedModel, "predict", broken)
+    verdict, evidence = analyse_files(slab, model, _settings())
+    assert not verdict.analysed
+    assert verdict.reason == "model call failed: interpreter exploded"
+    assert len(evidence) == len(slab)
+
+
+def test_the_hounsfield_refusal_comes_before_the_cnn_refusal(
+    tiny_model_dir: Path, slab: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when the two ran one after the other: coverage is checked before the CNN's result."""
+    model = load_model(tiny_model_dir)
+
+    def refuses(*_args: object, **_kwargs: object) -> tuple[list[SliceScore], int]:
+        raise SeriesRejected("only 0 of 10 slices contain enough lung")
+
+    monkeypatch.setattr(pipeline, "score_slices", refuses)
+    too_short, _ = analyse_files(slab, model, _settings(min_lung_extent_mm=40))
+    assert too_short.reason.startswith("partial coverage: lungs seen over 30 mm")
+    long_enough, _ = analyse_files(slab, model, _settings())
+    assert long_enough.reason == "only 0 of 10 slices contain enough lung"

@@ -1,7 +1,9 @@
 """Training stage, export: trained model -> ``models/<name>/<version>/`` with its evaluation.
 
-Writes ``model.keras``, ``model.json`` (``node.model_spec.write_spec``), ``evaluation.json``,
-PNGs (confusion matrices, ROC, training curves), the epoch logs and ``MODEL_CARD.md``.  Every
+Writes ``model.keras``, ``model.tflite`` (the same network for LiteRT, which the node runs
+without TensorFlow; its measured agreement with Keras goes into ``model.json``'s ``tflite``),
+``model.json`` (``node.model_spec.write_spec``), ``evaluation.json``, PNGs (confusion matrices,
+ROC, training curves), the epoch logs and ``MODEL_CARD.md``.  Every
 number comes from data the scored model did not train on: the held-out (test) patients of each
 source, and held-out scores (leave-one-site-out and leave-one-patient-out) for the ``lopo``
 sources.
@@ -20,8 +22,20 @@ from typing import Any
 import keras
 import numpy as np
 
-from node.model_spec import MODEL_FILE, ModelSpec, SeriesRule, write_spec
+from node import runtime
+from node.model_spec import (
+    MODEL_FILE,
+    SPEC_FILE,
+    TFLITE_FILE,
+    ModelSpec,
+    SeriesRule,
+    TFLiteExport,
+    file_sha256,
+    load_spec,
+    write_spec,
+)
 from node.preprocess import PREPROCESSING_VERSION
+from node.spool import write_atomic
 from training.config import TrainConfig
 from training.dataset import Row, class_index
 from training.evaluate import (
@@ -37,6 +51,52 @@ from training.model_card import notice_for, write_model_card
 from training.predict import predict_proba, series_score
 
 logger = logging.getLogger(__name__)
+
+
+EXPORT_PROBES = 8  # probe inputs (node.runtime.probe_inputs) measured at export, re-checked at load
+
+
+def export_tflite(model: keras.Model, out_dir: Path, max_mb: float | None = None) -> TFLiteExport:
+    """Write ``model.tflite`` (float32, the node's LiteRT runtime) beside ``model.keras``.
+
+    Measures its agreement with Keras on ``EXPORT_PROBES`` probe inputs in the LiteRT
+    interpreter the node uses; returns the record for ``model.json``'s ``tflite``.
+
+    Raises
+    ------
+    ValueError
+        If the conversion differs from Keras by more than ``node.runtime.TOLERANCE`` or the file
+        is larger than ``max_mb`` (the file is then removed).
+    """
+    path = out_dir / TFLITE_FILE
+    flatbuffer = runtime.convert_to_tflite(model)
+    shape = tuple(model.input_shape[1:])
+    probes = runtime.probe_inputs(shape, EXPORT_PROBES)
+    expected = np.asarray(model(probes, training=False), dtype=np.float32)
+    actual = runtime.TFLiteRunner(flatbuffer).predict(probes)
+    diff = float(np.max(np.abs(actual - expected)))
+    size_mb = len(flatbuffer) / 1e6
+    if not diff <= runtime.TOLERANCE or (max_mb is not None and size_mb > max_mb):
+        path.unlink(missing_ok=True)
+        raise ValueError(
+            f"{path}: not written: LiteRT differs from Keras by {diff:.2e} (at most "
+            f"{runtime.TOLERANCE:g}), {size_mb:.1f} MB (at most {max_mb} MB)"
+        )
+    write_atomic(path, flatbuffer)
+    path.chmod(0o644)  # shipped in the repository like model.keras
+    found = runtime.versions()
+    converter = next((f"{d} {v}" for d, v in found.items() if d.startswith("tensorflow")), "")
+    record = TFLiteExport(
+        sha256=file_sha256(path),
+        keras_sha256=file_sha256(out_dir / MODEL_FILE),
+        size_bytes=len(flatbuffer),
+        max_abs_prob_diff=diff,
+        probe_probabilities=expected.tolist(),
+        converter=converter or f"tensorflow {keras.version()} (keras)",
+        runtime=f"ai-edge-litert {found.get('ai-edge-litert', 'unknown')}",
+    )
+    logger.info("%s written (%.1f MB, max |p - p_keras| %.1e)", path, size_mb, diff)
+    return record
 
 
 def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
@@ -83,7 +143,9 @@ def choose_series_rule(
     then the higher sensitivity (a triage aid should not miss), then the widest margin."""
     results = []
     for rule in candidates:
-        verdicts, margins, hits = {}, [], {True: [], False: []}
+        verdicts: dict[str, dict[str, Any]] = {}
+        margins: list[float] = []
+        hits: dict[bool, list[bool]] = {True: [], False: []}
         for uid, s in series.items():
             if s["selected"] < min_slices:
                 verdicts[uid] = {"patient_id": s["patient_id"], "rejected": True}
@@ -323,6 +385,11 @@ def export(
         preprocessing_version=PREPROCESSING_VERSION,
         selection=cfg.selection,
     )
+    try:
+        tflite: TFLiteExport | None = export_tflite(clean, out_dir, cfg.max_model_mb)
+    except ValueError as exc:  # the node then converts at load, or runs Keras
+        logger.warning("%s", exc)
+        tflite = None
     report, thr, rule = evaluate_all(cfg, model, rows, cache, usable, held_out, spec, out_dir)
     for phase in ("head", "finetune"):
         for name in ("log.csv", "log.jsonl"):
@@ -370,6 +437,7 @@ def export(
             else "EfficientNet-Lite0 (random init)",
             "training_config": cfg.model_dump(mode="json"),
             "notice": notice_for(report),
+            "tflite": tflite,
         }
     )
     final = write_spec(out_dir, final)
@@ -397,3 +465,37 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             v["patient_id"]: v.get("positive") for v in verdicts.values()
         }
     return out
+
+
+def export_existing(model_dir: Path) -> TFLiteExport:
+    """(Re-)export ``model.tflite`` for a model directory already written; in ``model.json``
+    only the ``tflite`` key changes (every other key and their order kept)."""
+    spec = load_spec(model_dir)
+    model = keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    if spec.sha256 and file_sha256(model_dir / MODEL_FILE) != spec.sha256:
+        raise ValueError(f"{model_dir / MODEL_FILE}: sha256 differs from {SPEC_FILE}")
+    record = export_tflite(model, model_dir)
+    raw = json.loads((model_dir / SPEC_FILE).read_text())
+    raw["tflite"] = record.model_dump(mode="json")
+    (model_dir / SPEC_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Export model.tflite for an existing model directory and record its agreement "
+        "with Keras in model.json (key 'tflite')."
+    )
+    parser.add_argument("model_dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    record = export_existing(args.model_dir)
+    summary = record.model_dump(exclude={"probe_probabilities"})
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
