@@ -1,11 +1,16 @@
 """Benchmark 1, ingest: one association of 300 real 512x512 CT slices from DCMTK ``storescu``.
 
-Targets, each run in turn with the same files (a fresh re-identified series per run, so the node
-never sees duplicates): DCMTK ``storescp`` writing to disk (the baseline), a bare pynetdicom SCP
+Targets, each run in turn with the same files (a fresh re-identified series per run, so no
+receiver sees duplicates): DCMTK ``storescp`` writing to disk (the baseline), Orthanc 1.10 (the
+PACS users know: SQLite index, ``SyncStorageArea`` fsync of every file), a bare pynetdicom SCP
 that writes the received bytes (no checks, no fsync, no database: pynetdicom's own ceiling), and
-the node (``python -m node serve``: parse + check, durable spool write with fsync, SQLite row).
-``TCP_NODELAY=1`` for the DCMTK tools; the node and the bare SCP set it on accepted sockets.
-Rates are from the wall time of ``storescu`` (start to release).  A per-instance cost breakdown of
+the node (``python -m node serve``: check, durable spool write, SQLite row committed with
+``synchronous=FULL``, all before Success).  Node and Orthanc go back to back in every run, in
+alternating order, so their ratio is paired.  ``TCP_NODELAY=1`` in the environment of the DCMTK
+tools and of Orthanc; the node and the bare SCP set it on accepted sockets.
+
+Rates are from the wall time of ``storescu`` (start to release); the CPU time each receiving
+process used (all threads) is steadier on a shared machine.  A per-instance cost breakdown of
 the node's handler steps (no network) says what limits it.
 
 ``python -m bench.ingest [--quick]`` prints one JSON line.
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +43,8 @@ from bench.common import (
 )
 
 NODE_AE = "TRIAGE"
+#: A receiver under test: (DICOM port, AE title, pid of the receiving process)
+Target = tuple[int, str, int]
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -51,7 +60,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 @contextlib.contextmanager
-def storescp(out_dir: Path) -> Iterator[tuple[int, str]]:
+def storescp(out_dir: Path) -> Iterator[Target]:
     """DCMTK storescp writing every instance to ``out_dir`` (default, not bit-preserving, mode)."""
     from tests.peers import dcmtk_env, free_port
     from tests.tools import require_tool
@@ -64,14 +73,14 @@ def storescp(out_dir: Path) -> Iterator[tuple[int, str]]:
     )
     try:
         _wait_port(port, proc)
-        yield port, "STORESCP"
+        yield port, "STORESCP", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 @contextlib.contextmanager
-def bare_scp(out_dir: Path) -> Iterator[tuple[int, str]]:
+def bare_scp(out_dir: Path) -> Iterator[Target]:
     """A bare pynetdicom SCP in its own process: write the received bytes, answer Success."""
     import sys
 
@@ -85,7 +94,7 @@ def bare_scp(out_dir: Path) -> Iterator[tuple[int, str]]:
     )
     try:
         _wait_port(port, proc)
-        yield port, "BARE"
+        yield port, "BARE", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -96,13 +105,20 @@ def serve_bare(port: int, out_dir: Path) -> None:
     from pynetdicom import AE, evt
     from pynetdicom.events import Event
 
-    from node.receive import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, handle_connection
+    from node.receive import (
+        STORAGE_SOP_CLASSES,
+        TRANSFER_SYNTAXES,
+        handle_connection,
+        skip_unlogged_pynetdicom_handlers,
+    )
 
     def handle_store(event: Event) -> int:
         data = event.encoded_dataset(include_meta=True)
         (out_dir / f"{getattr(event.request, 'AffectedSOPInstanceUID', 'x')}.dcm").write_bytes(data)
         return 0
 
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # as the node runs it
+    skip_unlogged_pynetdicom_handlers()
     ae = AE(ae_title="BARE")
     ae.maximum_pdu_size = 0
     for sop_class in STORAGE_SOP_CLASSES:
@@ -114,6 +130,51 @@ def serve_bare(port: int, out_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def orthanc(workdir: Path) -> Iterator[Target]:
+    """Orthanc 1.10 as users run it: SQLite index, files fsynced (``SyncStorageArea``).
+
+    Started with ``TCP_NODELAY=1`` in its environment (Orthanc is built on DCMTK: PEERS.md's
+    Nagle trap), storage in its own folder under /tmp (same file system as the node's spool).
+    """
+    import json
+
+    from tests.peers import Orthanc, _orthanc_user
+
+    root = Path(tempfile.mkdtemp(prefix="orthanc-bench-", dir="/tmp"))
+    os.chmod(root, 0o700)
+    server = Orthanc(
+        root,
+        aet="ORTHANC",
+        modalities={"storescu": ("STORESCU", "127.0.0.1", 104)},
+        forward_to=None,
+        stable_age=3600,  # nothing "stable" happens during the run
+    )
+    config = json.loads(server.config_path.read_text())
+    config["SyncStorageArea"] = True  # the 1.10 default, stated: fsync after each file write
+    server.config_path.write_text(json.dumps(config, indent=2))
+    owner = _orthanc_user()
+    if owner is not None:
+        os.chown(server.config_path, *owner)
+    previous = os.environ.get("TCP_NODELAY")
+    os.environ["TCP_NODELAY"] = "1"  # Orthanc inherits this process's environment
+    try:
+        server.start()
+    except BaseException:
+        server.cleanup()
+        raise
+    finally:
+        if previous is None:
+            del os.environ["TCP_NODELAY"]
+        else:
+            os.environ["TCP_NODELAY"] = previous
+    try:
+        assert server.proc is not None  # setpriv execs Orthanc: this pid is Orthanc's
+        yield server.dicom_port, server.aet, server.proc.pid
+    finally:
+        server.cleanup()
+
+
 # Diagnostic only: the node with os.fsync a no-op, to show what the durable spool write costs.
 _NO_FSYNC = (
     "import os, runpy; os.fsync = lambda fd: None; "
@@ -122,9 +183,8 @@ _NO_FSYNC = (
 
 
 @contextlib.contextmanager
-def node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
+def node(workdir: Path, fsync: bool = True) -> Iterator[Target]:
     """The node as its own process, with a long quiet time so nothing is analysed meanwhile."""
-    import os
     import sys
 
     from tests.models import make_tiny_model
@@ -153,16 +213,27 @@ def node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
             )
         wait_for(proc.echo, 120, interval=0.5, what="node (no fsync) to answer C-ECHO")
     try:
-        yield port, NODE_AE
+        assert proc.proc is not None
+        yield port, NODE_AE, proc.proc.pid
     finally:
         proc.stop()
 
 
-def send(folder: Path, port: int, aec: str) -> float:
-    """Seconds ``storescu`` takes to send ``folder`` in one association."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def send(folder: Path, target: Target) -> tuple[float, float]:
+    """(seconds ``storescu`` takes to send ``folder`` in one association, CPU seconds the
+    receiving process used meanwhile)."""
     from tests.peers import storescu
 
-    return time_call(lambda: storescu(folder, port=port, aec=aec, timeout=600))
+    port, aec, pid = target
+    before = cpu_seconds(pid)
+    seconds = time_call(lambda: storescu(folder, port=port, aec=aec, timeout=600))
+    return seconds, cpu_seconds(pid) - before
 
 
 def handler_breakdown(paths: list[Path], workdir: Path) -> dict[str, float]:
@@ -208,35 +279,50 @@ def handler_breakdown(paths: list[Path], workdir: Path) -> dict[str, float]:
     }
 
 
+TARGETS = ("storescp", "bare_pynetdicom", "node", "orthanc", "node_without_fsync_diagnostic")
+
+
+def _order(r: int) -> list[str]:
+    """The targets of run ``r``: node and Orthanc back to back, which goes first alternating."""
+    pair = ["node", "orthanc"] if r % 2 == 0 else ["orthanc", "node"]
+    return ["storescp", *pair, "bare_pynetdicom", "node_without_fsync_diagnostic"]
+
+
+def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over runs of rate(a) / rate(b), each pair measured in the same run."""
+    return median([tb / ta for ta, tb in zip(times[a], times[b], strict=True)])
+
+
 def run(quick: bool) -> dict[str, Any]:
     count = 30 if quick else 300
     runs = 1 if quick else 5
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         root = Path(tmp)
-        times: dict[str, list[float]] = {
-            "storescp": [],
-            "bare_pynetdicom": [],
-            "node": [],
-            "node_without_fsync_diagnostic": [],
-        }
+        times: dict[str, list[float]] = {name: [] for name in TARGETS}
+        cpu: dict[str, list[float]] = {name: [] for name in TARGETS}
         with (
             storescp(root / "storescp-out") as dcmtk,
             bare_scp(root / "bare-out") as bare,
             node(root / "node") as ours,
+            orthanc(root / "orthanc") as pacs,
             node(root / "node-nofsync", fsync=False) as ours_nofsync,
         ):
+            peers = {
+                "storescp": dcmtk,
+                "bare_pynetdicom": bare,
+                "node": ours,
+                "orthanc": pacs,
+                "node_without_fsync_diagnostic": ours_nofsync,
+            }
             size = 0
             for r in range(runs):
                 folder = root / f"series{r}"
                 paths = build_series(folder, count, seed=f"bench-ingest-{r}-{time.time()}")
                 size = series_bytes(paths)
-                for name, (port, aec) in (
-                    ("storescp", dcmtk),
-                    ("bare_pynetdicom", bare),
-                    ("node", ours),
-                    ("node_without_fsync_diagnostic", ours_nofsync),
-                ):
-                    times[name].append(send(folder, port, aec))
+                for name in _order(r):
+                    seconds, cpu_s = send(folder, peers[name])
+                    times[name].append(seconds)
+                    cpu[name].append(cpu_s)
                 for out in (root / "storescp-out", root / "bare-out"):
                     shutil.rmtree(out)
                     out.mkdir()
@@ -244,25 +330,33 @@ def run(quick: bool) -> dict[str, Any]:
                     shutil.rmtree(folder)
             breakdown = handler_breakdown(paths, root / "breakdown")
     result: dict[str, Any] = {"instances": count, "runs": runs, "mb": rounded(size / 1e6)}
-    rates = {}
     for name, values in times.items():
-        rates[name] = count / median(values)
         result[name] = {
-            "instances_per_s": rounded(rates[name]),
+            "instances_per_s": rounded(count / median(values)),
             "mb_per_s": rounded(size / 1e6 / median(values)),
             "seconds": [round(v, 3) for v in values],
+            # CPU the receiving process used per instance: steadier than wall time on a shared
+            # machine, and what the receiver takes from the analysis running beside it
+            "cpu_ms_per_instance": rounded(median(cpu[name]) / count * 1e3),
+            "cpu_ms_per_instance_runs": [rounded(v / count * 1e3) for v in cpu[name]],
         }
-    paired = [s / n for s, n in zip(times["storescp"], times["node"], strict=True)]
-    result["ratio_node_to_storescp"] = rounded(rates["node"] / rates["storescp"])
-    result["ratio_node_to_storescp_paired_median"] = rounded(median(paired))
-    result["ratio_bare_pynetdicom_to_storescp"] = rounded(
-        rates["bare_pynetdicom"] / rates["storescp"]
+    # Ratios of rates paired within each run (the machine is shared: runs differ more than
+    # targets within one run), then the median over the runs.
+    for name in ("orthanc", "bare_pynetdicom", "node_without_fsync_diagnostic"):
+        result[f"ratio_{name}_to_storescp"] = rounded(_paired(times, name, "storescp"))
+    result["ratio_node_to_storescp_paired_median"] = rounded(_paired(times, "node", "storescp"))
+    # pynetdicom alone (no checks, no fsync, no database) against Orthanc: the node's ceiling
+    result["ratio_bare_pynetdicom_to_orthanc"] = rounded(
+        _paired(times, "bare_pynetdicom", "orthanc")
     )
-    result["ratio_node_without_fsync_to_storescp"] = rounded(
-        rates["node_without_fsync_diagnostic"] / rates["storescp"]
-    )
+    per_run = [o / n for n, o in zip(times["node"], times["orthanc"], strict=True)]
+    result["ratio_node_to_orthanc"] = rounded(median(per_run))
+    result["ratio_node_to_orthanc_per_run"] = [rounded(v) for v in per_run]
     result["node_handler_ms_per_instance"] = breakdown
-    result["targets"] = {"ratio_node_to_storescp": target(median(paired), 0.6, at_least=True)}
+    result["targets"] = {
+        "ratio_node_to_orthanc": target(median(per_run), 1.0, at_least=True),
+        "ratio_node_to_storescp": target(_paired(times, "node", "storescp"), 0.6, at_least=True),
+    }
     return result
 
 

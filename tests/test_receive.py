@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from io import BytesIO
@@ -10,18 +14,28 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
     Verification,
 )
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from node.config import Settings
 from node.db import Instance, Job, Series, SeriesState
-from node.receive import CANNOT_UNDERSTAND, SUCCESS, start_receiver
+from node.errors import InvalidInstance
+from node.receive import (
+    CANNOT_UNDERSTAND,
+    SUCCESS,
+    PollPacer,
+    file_meta_prefix,
+    parse_instance,
+    skip_unlogged_pynetdicom_handlers,
+    start_receiver,
+)
 from node.series_complete import complete_quiet_series
 from node.service import open_state
 from tests.peers import (
@@ -33,6 +47,7 @@ from tests.peers import (
     series_files,
     set_nodelay,
     storescu,
+    wait_for,
 )
 
 
@@ -258,3 +273,146 @@ def test_sop_uid_mismatch_refused(
     # the request (built from the file meta) announces another instance than the dataset holds
     explicit_slice.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     assert _send_raw(node.settings.node.port, explicit_slice, raw, tmp_path) == CANNOT_UNDERSTAND
+
+
+def _as_file(ds: pydicom.Dataset, transfer_syntax: str) -> bytes:
+    """``ds`` as received (preamble, file meta, dataset) in ``transfer_syntax``."""
+    ds = ds.copy()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buf = BytesIO()
+    if transfer_syntax == "1.2.840.10008.1.2.2":  # pydicom converts to big endian only forced
+        dcmwrite(buf, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    else:
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    ],
+)
+def test_pixel_data_length_is_checked_in_every_native_syntax(
+    explicit_slice: pydicom.Dataset, transfer_syntax: str
+) -> None:
+    """parse_instance reads the header only; the Pixel Data length comes from its element."""
+    data = _as_file(explicit_slice, transfer_syntax)
+    uids = (str(explicit_slice.SOPClassUID), str(explicit_slice.SOPInstanceUID))
+    header = parse_instance(data, *uids)
+    assert header.transfer_syntax_uid == transfer_syntax
+    assert header.series_instance_uid == explicit_slice.SeriesInstanceUID
+    assert header.image_type == "\\".join(explicit_slice.ImageType)
+    with pytest.raises(InvalidInstance, match=r"truncated|cannot be parsed"):
+        parse_instance(data[:-100], *uids)
+
+
+def test_elements_after_pixel_data_accepted_and_no_pixel_data_refused(
+    explicit_slice: pydicom.Dataset,
+) -> None:
+    uids = (str(explicit_slice.SOPClassUID), str(explicit_slice.SOPInstanceUID))
+    padded = explicit_slice.copy()
+    padded.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding
+    data = _as_file(padded, "1.2.840.10008.1.2.1")
+    assert parse_instance(data, *uids).sop_instance_uid == uids[1]
+    without = explicit_slice.copy()
+    del without.PixelData
+    with pytest.raises(InvalidInstance, match="no Pixel Data"):
+        parse_instance(_as_file(without, "1.2.840.10008.1.2.1"), *uids)
+
+
+def test_file_and_row_are_on_disk_before_the_sender_hears_success(
+    node: Node, explicit_slice: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability order of a store: the temp file written O_DSYNC (on disk when the write
+    returns), its rename into the series folder, that folder's fsync, the row's commit (SQLite
+    synchronous=FULL), and only then the status reaches the sender.  Power cuts cannot be
+    tested here; this order is what makes an acknowledged instance survive one (kill -9:
+    tests/test_faults.py)."""
+    events: list[str] = []
+    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+
+    def write(fd: int, data: Any) -> int:
+        written = real_write(fd, data)
+        durable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DSYNC
+        if stat.S_ISREG(os.fstat(fd).st_mode) and durable and events[-1:] != ["durable write"]:
+            events.append("durable write")
+        return written
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        if str(dst).endswith(".dcm"):
+            events.append("rename")
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    event.listen(node.sessions, "after_commit", lambda session: events.append("commit"))
+    assert scu_send(node.settings.node.port, [explicit_slice]) == [SUCCESS]
+    events.append("status received")
+    assert events[:5] == ["durable write", "rename", "fsync folder", "commit", "status received"]
+    with node.sessions() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    assert [p.stem for p in node.spooled_files()] == [explicit_slice.SOPInstanceUID]
+    assert list((node.settings.storage.spool_dir / ".tmp").iterdir()) == []
+
+
+def test_poll_pacer_polls_fast_while_busy_then_falls_back() -> None:
+    class Dul:
+        _run_loop_delay = PollPacer.DEFAULT_POLL_S
+
+    class Assoc:
+        dul = Dul()
+
+    assoc = Assoc()
+    pacer = PollPacer(idle_after_s=0.2)
+    pacer.busy(assoc)  # type: ignore[arg-type]
+    assert assoc.dul._run_loop_delay == PollPacer.FAST_POLL_S
+    wait_for(
+        lambda: assoc.dul._run_loop_delay == PollPacer.DEFAULT_POLL_S,
+        5,
+        what="the default poll after 0.2 s idle",
+    )
+
+
+@pytest.mark.parametrize(
+    "sop_instance_uid",
+    ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"],
+)
+def test_file_meta_prefix_is_what_pynetdicom_writes(sop_instance_uid: str) -> None:
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    meta = create_file_meta(
+        sop_class_uid=UID(CTImageStorage),
+        sop_instance_uid=UID(sop_instance_uid),
+        transfer_syntax=UID("1.2.840.10008.1.2.1"),
+    )
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+    prefix = file_meta_prefix(CTImageStorage, sop_instance_uid, "1.2.840.10008.1.2.1")
+    assert prefix == expected
+    read = pydicom.dcmread(BytesIO(prefix), force=True).file_meta
+    assert read.MediaStorageSOPInstanceUID == sop_instance_uid
+
+
+def test_pynetdicom_log_handlers_only_where_their_lines_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = logging.getLogger("pynetdicom")
+    level = log.level
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    try:
+        log.setLevel(logging.INFO)  # --debug
+        skip_unlogged_pynetdicom_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        log.setLevel(logging.WARNING)  # as node/cli.py sets it by default
+        skip_unlogged_pynetdicom_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        log.setLevel(level)
