@@ -1,5 +1,5 @@
-"""Command line: ``triage-node serve | status | echo | check-config | retry | classify | pull |
-resend | labels import | performance``.
+"""Command line: ``triage-node serve | receive | work | status | echo | check-config | retry |
+classify | pull | resend | labels import | performance | drift | promote``.
 
 ``--config`` and ``--debug`` go before or after the command; without ``--config`` the file is
 ``$TRIAGE_CONFIG``, else ``config.yaml`` (``node.config.config_path``).  Exit codes: 0 done,
@@ -28,7 +28,16 @@ def configure_logging(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     quiet = logging.INFO if debug else logging.WARNING
-    for name in ("pynetdicom", "apscheduler", "tensorflow", "absl", "h5py", "PIL", "highdicom"):
+    for name in (
+        "pynetdicom",
+        "apscheduler",
+        "tensorflow",
+        "absl",
+        "h5py",
+        "PIL",
+        "highdicom",
+        "alembic",  # node.db.migrate logs the migration itself
+    ):
         logging.getLogger(name).setLevel(quiet)
     # "skipped: maximum number of running instances reached" is the expected, harmless outcome of
     # a tick arriving while a long job runs (max_instances=1).
@@ -49,17 +58,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logger.info("triage-node %s, effective settings: %s", __version__, settings.model_dump_json())
-    serve(settings)
+    receive, work = {"serve": (True, True), "receive": (True, False), "work": (False, True)}[
+        args.command
+    ]
+    serve(settings, receive=receive, work=work)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from node.challenger import check_challenger
     from node.model_spec import load_spec
 
     spec = load_spec(settings.model_dir)
+    challenger = check_challenger(settings)
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     print(f"config OK; model {spec.name} {spec.version} classes {spec.classes}", file=sys.stderr)
+    if challenger:
+        print(f"challenger {challenger} (shadow: recorded, never sent)", file=sys.stderr)
     return 0
 
 
@@ -86,14 +102,19 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from node.drift import current_warning
+    from node.service import open_state
     from node.status import collect_status, format_status
 
     settings = _settings(args)
     report = collect_status(settings, limit=args.limit)
+    report["drift_warning"] = current_warning(open_state(settings)[0])
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_status(report, now=dt.datetime.now(dt.UTC).replace(tzinfo=None)))
+        if report["drift_warning"]:
+            print(f"\nWARNING drift: {report['drift_warning']}")
     return 0
 
 
@@ -174,6 +195,29 @@ def cmd_performance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from node.drift import format_report, latest_report, run_drift
+    from node.model_spec import load_spec
+    from node.service import open_state
+
+    settings = _settings(args)
+    sessions, _ = open_state(settings)
+    report = (
+        run_drift(sessions, load_spec(settings.model_dir), settings.drift)
+        if args.run
+        else latest_report(sessions)
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from node.challenger import describe, promote
+
+    print(describe(promote(config_path(getattr(args, "config", None)), retire=args.retire)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --config and --debug are accepted before and after the command: on the main parser and,
     # through ``common``, on every sub-command (SUPPRESS: an absent option never overwrites one
@@ -204,6 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--ae-title", help="override node.ae_title")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "receive",
+        parents=[common],
+        help="only receive: store, complete series, queue jobs (runs until stopped)",
+    )
+    p.add_argument("--port", type=int, help="override node.port")
+    p.add_argument("--ae-title", help="override node.ae_title")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "work",
+        parents=[common],
+        help="only work: analyse, report, deliver queued jobs; run any number (until stopped)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -271,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_performance)
+
+    p = sub.add_parser(
+        "drift", parents=[common], help="latest comparison of inputs and scores with model.json"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--run", action="store_true", help="compare now (and store) first")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="make challenger_model_dir the live model in config.yaml (then restart)",
+    )
+    p.add_argument(
+        "--retire",
+        action="store_true",
+        help="set challenger_model_dir to null (default: the former live model becomes it)",
+    )
+    p.set_defaults(func=cmd_promote)
     return parser
 
 

@@ -184,6 +184,17 @@ class StorageSettings(_Strict):
     )
 
 
+class WorkerSettings(_Strict):
+    """Workers claiming jobs from the queue (``serve``, or ``triage-node work`` processes)."""
+
+    lease_s: float = Field(
+        60.0,
+        ge=1,
+        description="a claimed job is its worker's for this long, renewed every third of it "
+        "while the worker runs it; a job whose worker died is claimed again once it expires",
+    )
+
+
 class SelectionSettings(_Strict):
     """Which complete series are ours to analyse; anything else is recorded as rejected."""
 
@@ -202,7 +213,9 @@ class AnalysisSettings(_Strict):
     max_gap_factor: float = Field(1.6, gt=1, description="largest allowed gap / median spacing")
     batch_size: int = Field(16, ge=1)
     runtime: Literal["auto", "keras", "tflite"] = Field(
-        "auto", description="auto: LiteRT/XNNPACK when it matches Keras at load, else Keras"
+        "auto",
+        description="auto: the shipped model.tflite in LiteRT without TensorFlow when verified, "
+        "else a conversion at load when it matches Keras, else Keras",
     )
     min_lung_extent_mm: float = Field(
         20.0,
@@ -239,13 +252,28 @@ class WebSettings(_Strict):
 
     @model_validator(mode="after")
     def _password_off_loopback(self) -> WebSettings:
-        if self.enabled and self.password is None:
-            if not ipaddress.ip_address(self.bind_address).is_loopback:
-                raise ValueError(
-                    f"web.password: required when web.bind_address is {self.bind_address!r} "
-                    "(not a loopback address); set a password or bind to 127.0.0.1"
-                )
+        if (
+            self.enabled
+            and self.password is None
+            and not ipaddress.ip_address(self.bind_address).is_loopback
+        ):
+            raise ValueError(
+                f"web.password: required when web.bind_address is {self.bind_address!r} "
+                "(not a loopback address); set a password or bind to 127.0.0.1"
+            )
         return self
+
+
+class DriftSettings(_Strict):
+    """Drift monitoring (``node.drift``): the analysed series of the last ``window_days``
+    against the model's reference summary (``model.json`` ``reference``)."""
+
+    enabled: bool = True
+    interval_hours: float = Field(168.0, gt=0, description="how often to compare (weekly)")
+    window_days: float = Field(7.0, gt=0, description="the analysed series compared")
+    min_series: int = Field(
+        30, ge=5, description="fewer series in the window: reported, never a warning"
+    )
 
 
 class Settings(_Strict):
@@ -258,9 +286,16 @@ class Settings(_Strict):
     selection: SelectionSettings = SelectionSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     model_dir: Path = Path("models/covid-ct/current")
+    challenger_model_dir: Path | None = Field(
+        None,
+        description="a second model analysed in shadow beside model_dir: its verdicts are "
+        "recorded, never sent (`triage-node promote` makes it the live model)",
+    )
+    drift: DriftSettings = DriftSettings()
     catch_up: CatchUpSettings = CatchUpSettings()
     web: WebSettings = WebSettings()
     scheduler_tick_s: float = Field(1.0, gt=0)
+    workers: WorkerSettings = WorkerSettings()
 
     @model_validator(mode="after")
     def _peer_refs(self) -> Settings:
@@ -274,6 +309,11 @@ class Settings(_Strict):
             raise ValueError(f"results.outputs: {unknown} not peer(s) ({names})")
         if self.catch_up.enabled and self.catch_up.peer not in names:
             raise ValueError(f"catch_up.peer: {self.catch_up.peer!r} is not a peer ({names})")
+        if self.challenger_model_dir is not None and self.challenger_model_dir == self.model_dir:
+            raise ValueError(
+                f"challenger_model_dir: {str(self.challenger_model_dir)!r} is model_dir itself "
+                "(name a second model directory, or null)"
+            )
         return self
 
     def peer(self, name: str) -> Peer:
@@ -323,6 +363,9 @@ class Settings(_Strict):
                 "storage": storage,
                 "results": results,
                 "model_dir": fix(self.model_dir),
+                "challenger_model_dir": None
+                if self.challenger_model_dir is None
+                else fix(self.challenger_model_dir),
                 "security": security,
                 "peers": peers,
             }

@@ -4,6 +4,7 @@ A CSV row names a series (Series Instance UID), a study (Study Instance UID) or 
 number, and says pneumonia / no pneumonia (optionally covid yes / no), who said so and when.
 Every row is validated first; errors name the row (the file's line number) and the column, and
 one bad row imports nothing.  Each change is written to ``label_audit`` with before and after.
+The web console sets one series' label the same way (``set_series_label``), as the signed-in user.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Label, LabelAudit, utcnow
 from node.errors import NodeError
@@ -177,6 +178,37 @@ def _as_json(label: Label) -> dict[str, Any]:
     }
 
 
+def _write(session: Session, r: LabelRow, source: str) -> str:
+    """Set one label in an open transaction, with an audit row when it changes.
+
+    Returns "added", "changed" or "unchanged" (then no audit row: nothing changed).
+    """
+    label = session.scalars(
+        select(Label).where(Label.key_kind == r.key_kind, Label.key_value == r.key_value)
+    ).one_or_none()
+    before = _as_json(label) if label is not None else None
+    if label is None:
+        label = Label(key_kind=r.key_kind, key_value=r.key_value)
+        session.add(label)
+    label.pneumonia, label.covid = r.pneumonia, r.covid
+    label.labelled_by, label.labelled_at = r.labelled_by, r.labelled_at
+    after = _as_json(label)
+    if before == after:
+        return "unchanged"
+    label.source, label.updated_at = source, utcnow()
+    session.flush()
+    session.add(
+        LabelAudit(
+            label_id=label.id,
+            changed_by=r.labelled_by,
+            before_json=json.dumps(before) if before else "",
+            after_json=json.dumps(after),
+            source=source,
+        )
+    )
+    return "added" if before is None else "changed"
+
+
 def import_labels(sessions: sessionmaker[Any], path: Path) -> ImportResult:
     """Validate ``path`` and write its labels in one transaction, with an audit row per change.
 
@@ -186,34 +218,126 @@ def import_labels(sessions: sessionmaker[Any], path: Path) -> ImportResult:
         When any row is invalid; then nothing is written.
     """
     rows = read_labels(path)
-    added = changed = unchanged = 0
-    source = f"{path.name}"
+    outcomes = {"added": 0, "changed": 0, "unchanged": 0}
     with sessions.begin() as session:
         for r in rows:
-            label = session.scalars(
-                select(Label).where(Label.key_kind == r.key_kind, Label.key_value == r.key_value)
-            ).one_or_none()
-            before = _as_json(label) if label is not None else None
-            if label is None:
-                label = Label(key_kind=r.key_kind, key_value=r.key_value)
-                session.add(label)
-            label.pneumonia, label.covid = r.pneumonia, r.covid
-            label.labelled_by, label.labelled_at = r.labelled_by, r.labelled_at
-            after = _as_json(label)
-            if before == after:
-                unchanged += 1
-                continue
-            label.source, label.updated_at = f"{source} row {r.row}", utcnow()
-            session.flush()
-            session.add(
-                LabelAudit(
-                    label_id=label.id,
-                    changed_by=r.labelled_by,
-                    before_json=json.dumps(before) if before else "",
-                    after_json=json.dumps(after),
-                    source=f"{source} row {r.row}",
-                )
-            )
-            added, changed = (added + 1, changed) if before is None else (added, changed + 1)
+            outcomes[_write(session, r, f"{path.name} row {r.row}")] += 1
+    added, changed, unchanged = outcomes["added"], outcomes["changed"], outcomes["unchanged"]
     logger.info("labels from %s: %d new, %d changed, %d unchanged", path, added, changed, unchanged)
     return ImportResult(added=added, changed=changed, unchanged=unchanged)
+
+
+def set_series_label(
+    sessions: sessionmaker[Any],
+    series_instance_uid: str,
+    *,
+    pneumonia: bool,
+    covid: bool | None,
+    who: str,
+    source: str,
+) -> str:
+    """One series' label from the web console: by ``who`` (the signed-in user), now.
+
+    Written like an imported row (``labels`` plus a ``label_audit`` row with before and after);
+    ``source`` says where and what was agreed with.  Returns "added" or "changed".
+
+    Raises
+    ------
+    ValueError
+        When ``who`` is empty or longer than 64 characters, or the UID is not a DICOM UID.
+    """
+    if not who.strip() or len(who) > 64:
+        raise ValueError("labelled_by: the user name must be 1 to 64 characters")
+    if len(series_instance_uid) > 64 or not _UID.match(series_instance_uid):
+        raise ValueError(f"series_instance_uid: {series_instance_uid!r} is not a DICOM UID")
+    row = LabelRow(
+        row=0,
+        key_kind="series",
+        key_value=series_instance_uid,
+        pneumonia=int(pneumonia),
+        covid=None if covid is None else int(covid),
+        labelled_by=who.strip(),
+        labelled_at=utcnow(),
+    )
+    with sessions.begin() as session:
+        outcome = _write(session, row, source)
+    logger.info("label for series %s set by the console: %s", series_instance_uid, outcome)
+    return outcome
+
+
+@dataclass(frozen=True)
+class LabelView:
+    """A label as shown beside a series: its own (kind "series") or its study's."""
+
+    key_kind: str
+    pneumonia: bool
+    covid: bool | None
+    labelled_by: str
+    labelled_at: dt.datetime
+    source: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    changed_by: str
+    changed_at: dt.datetime
+    before: dict[str, Any] | None
+    after: dict[str, Any]
+    source: str
+
+
+def _view(label: Label) -> LabelView:
+    return LabelView(
+        key_kind=label.key_kind,
+        pneumonia=bool(label.pneumonia),
+        covid=None if label.covid is None else bool(label.covid),
+        labelled_by=label.labelled_by,
+        labelled_at=label.labelled_at,
+        source=label.source,
+    )
+
+
+def labels_for(session: Session, uids: list[tuple[str, str]]) -> dict[str, LabelView]:
+    """Series UID -> its label for ``(series UID, study UID)`` pairs: the series' own, else its
+    study's (the precedence ``node.performance`` uses)."""
+    series_uids = [s for s, _ in uids]
+    study_uids = [t for _, t in uids]
+    found = {
+        (lab.key_kind, lab.key_value): lab
+        for lab in session.scalars(
+            select(Label).where(
+                ((Label.key_kind == "series") & Label.key_value.in_(series_uids))
+                | ((Label.key_kind == "study") & Label.key_value.in_(study_uids))
+            )
+        )
+    }
+    out = {}
+    for series_uid, study_uid in uids:
+        label = found.get(("series", series_uid)) or found.get(("study", study_uid))
+        if label is not None:
+            out[series_uid] = _view(label)
+    return out
+
+
+def label_history(session: Session, keys: list[tuple[str, str]]) -> list[AuditEntry]:
+    """The audit rows of the labels with these ``(kind, value)`` keys, newest first."""
+    entries = []
+    for kind, value in keys:
+        rows = session.execute(
+            select(LabelAudit)
+            .join(Label, Label.id == LabelAudit.label_id)
+            .where(Label.key_kind == kind, Label.key_value == value)
+        ).scalars()
+        entries += [
+            AuditEntry(
+                id=a.id,
+                changed_by=a.changed_by,
+                changed_at=a.changed_at,
+                before=json.loads(a.before_json) if a.before_json else None,
+                after=json.loads(a.after_json),
+                source=a.source,
+            )
+            for a in rows
+        ]
+    return sorted(entries, key=lambda e: (e.changed_at, e.id), reverse=True)

@@ -8,6 +8,7 @@ time, so it survives restarts and agrees with ``triage-node status``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.assess import CATEGORIES, NEGATIVE
 from node.db import Job, Series
+from node.drift import KS_ALPHA, PSI_THRESHOLD, latest_report
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,51 @@ class StateCollector(Collector):
         )
         info.add_metric(list(self.model), 1)
         yield info
+        yield from drift_metrics(latest_report(self.sessions))
+
+
+def drift_metrics(report: dict[str, Any] | None) -> Iterator[Metric]:
+    """Gauges of the latest drift comparison (``node.drift``); none before the first."""
+    if report is None:
+        return
+    model = [report["model"]["name"], report["model"]["version"]]
+    warning = GaugeMetricFamily(
+        "triage_drift_warning",
+        f"1 when the latest drift comparison found a shift (PSI > {PSI_THRESHOLD} or KS "
+        f"p < {KS_ALPHA}), by model",
+        labels=["model_name", "model_version"],
+    )
+    warning.add_metric(model, 1 if report.get("drifted") else 0)
+    yield warning
+    series = GaugeMetricFamily(
+        "triage_drift_series", "Series in the latest drift comparison's window"
+    )
+    series.add_metric([], report.get("series", 0))
+    yield series
+    when = GaugeMetricFamily(
+        "triage_drift_last_comparison_timestamp_seconds",
+        "When the latest drift comparison ran (Unix time, UTC)",
+    )
+    computed = dt.datetime.fromisoformat(report["computed_at"]).replace(tzinfo=dt.UTC)
+    when.add_metric([], computed.timestamp())
+    yield when
+    psi = GaugeMetricFamily(
+        "triage_drift_psi",
+        "Population stability index of the input mix against model.json's reference",
+        labels=["feature"],
+    )
+    ks = GaugeMetricFamily(
+        "triage_drift_ks_p_value",
+        "Two-sample Kolmogorov-Smirnov p-value of the score against model.json's reference",
+        labels=["feature"],
+    )
+    for name, entry in report.get("features", {}).items():
+        if entry.get("psi") is not None:
+            psi.add_metric([name], entry["psi"])
+        if entry.get("p_value") is not None:
+            ks.add_metric([name], entry["p_value"])
+    yield psi
+    yield ks
 
 
 def render(collector: Collector) -> bytes:

@@ -22,6 +22,7 @@ from node.preprocess import PREPROCESSING_VERSION, Window
 
 MODEL_FILE = "model.keras"
 SPEC_FILE = "model.json"
+TFLITE_FILE = "model.tflite"
 
 
 class WindowSpec(BaseModel):
@@ -86,6 +87,43 @@ class AnalysisSpec(BaseModel):
     evaluation: dict[str, object] = Field(default_factory=dict)
 
 
+class ReferenceSummary(BaseModel):
+    """What the analysis was validated on, for drift monitoring (``node.drift``): written by
+    ``training.analysis --write-reference`` from the series its threshold was fitted on.
+
+    ``po`` and ``cnn_score`` are the series' values (sorted); ``mix`` counts the series per
+    input feature value (``node.drift.MIX_FEATURES``: manufacturer, scanner model, kernel,
+    slice thickness band, contrast).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = ""
+    series: int = Field(0, ge=0)
+    po: list[float] = []
+    cnn_score: list[float] = []
+    mix: dict[str, dict[str, int]] = {}
+
+
+class TFLiteExport(BaseModel):
+    """``model.tflite`` beside ``model.keras``: written by ``training/export.py``, its agreement
+    with Keras measured there; the node runs it with LiteRT alone (no TensorFlow) when its
+    sha256 matches and LiteRT reproduces ``probe_probabilities`` (``node.runtime.load_shipped``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    sha256: str = Field(min_length=64, max_length=64)
+    keras_sha256: str = Field(description="sha256 of the model.keras it was converted from")
+    size_bytes: int = Field(ge=0)
+    max_abs_prob_diff: float = Field(
+        ge=0, description="LiteRT vs Keras on the probe inputs, measured at export"
+    )
+    probe_probabilities: list[list[float]] = Field(
+        description="Keras's probabilities for node.runtime.probe_inputs(), checked at load"
+    )
+    converter: str = Field(description="e.g. 'tensorflow 2.21.0'")
+    runtime: str = Field(description="e.g. 'ai-edge-litert 2.3.0'")
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
 
@@ -111,6 +149,12 @@ class ModelSpec(BaseModel):
         "", description="written into every SR this model makes (e.g. its measured limits)"
     )
     analysis: AnalysisSpec = AnalysisSpec()
+    reference: ReferenceSummary | None = Field(
+        None, description="input and score summary of the validation series (drift monitoring)"
+    )
+    tflite: TFLiteExport | None = Field(
+        None, description="the exported LiteRT flatbuffer and its measured agreement with Keras"
+    )
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> ModelSpec:
@@ -149,12 +193,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_spec(model_dir: Path) -> ModelSpec:
-    """Read and check ``model.json``; the error names the directory and the bad field."""
+def load_spec(model_dir: Path, setting: str = "model_dir") -> ModelSpec:
+    """Read and check ``model.json``; the error names the setting, the directory and the bad
+    field."""
     spec_path = model_dir / SPEC_FILE
     if not model_dir.is_dir():
         raise ModelError(
-            f"model_dir: {model_dir} does not exist (a model directory holds {MODEL_FILE} "
+            f"{setting}: {model_dir} does not exist (a model directory holds {MODEL_FILE} "
             f"and {SPEC_FILE})"
         )
     if not spec_path.is_file():

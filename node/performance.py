@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.assess import NEGATIVE
-from node.db import Job, JobStage, JobState, Label, Series
+from node.db import ChallengerResult, Job, JobStage, JobState, Label, Series
 from node.stats import auc_ci95, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class Case:
     po: float | None
     truth: bool | None
     latency_s: float | None
+    cnn_score: float | None = None  # the CNN's series score, for the console's distribution plot
+    series_instance_uid: str = ""
 
 
 def wilson(successes: int, total: int) -> dict[str, Any]:
@@ -137,8 +139,68 @@ def load_cases(sessions: sessionmaker[Any]) -> list[Case]:
             po=_po(job.verdict_json),
             truth=truth,
             latency_s=(ready - series.last_received_at).total_seconds() if ready else None,
+            cnn_score=job.series_score,
+            series_instance_uid=series.series_instance_uid,
         )
     return list(latest.values())
+
+
+def _truth(labels: dict[tuple[str, str], bool], series: Series) -> bool | None:
+    truth = labels.get(("series", series.series_instance_uid))
+    return labels.get(("study", series.study_instance_uid)) if truth is None else truth
+
+
+def load_challenger_cases(sessions: sessionmaker[Any]) -> dict[str, list[Case]]:
+    """Per challenger model version: its analysed verdicts (``challenger_results``, the latest
+    per series; never sent, so without latency)."""
+    return {
+        version: [c for c, _ in pairs] for version, pairs in load_challenger_pairs(sessions).items()
+    }
+
+
+def load_challenger_pairs(sessions: sessionmaker[Any]) -> dict[str, list[tuple[Case, Case]]]:
+    """``load_challenger_cases``, each case paired with the live verdict of the same job (the
+    same files)."""
+    with sessions() as session:
+        labels = {
+            (lab.key_kind, lab.key_value): bool(lab.pneumonia)
+            for lab in session.scalars(select(Label))
+        }
+        rows = session.execute(
+            select(ChallengerResult, Job, Series)
+            .join(Job, Job.id == ChallengerResult.job_id)
+            .join(Series, Series.id == Job.series_id)
+            .where(ChallengerResult.analysed == 1, Job.analysed == 1)
+            .order_by(Job.series_version, ChallengerResult.id)
+        ).all()
+    latest: dict[tuple[str, int], tuple[Case, Case]] = {}
+    for result, job, series in rows:
+        common = {
+            "study_instance_uid": series.study_instance_uid,
+            "truth": _truth(labels, series),
+            "series_instance_uid": series.series_instance_uid,
+        }
+        challenger = Case(
+            model_version=result.model_version,
+            flagged=result.finding != NEGATIVE,
+            po=_po(result.verdict_json),
+            latency_s=None,
+            cnn_score=result.series_score,
+            **common,
+        )
+        live = Case(
+            model_version=job.model_version,
+            flagged=job.finding != NEGATIVE,
+            po=_po(job.verdict_json),
+            latency_s=None,
+            cnn_score=job.series_score,
+            **common,
+        )
+        latest[(result.model_version, series.id)] = (challenger, live)
+    out: dict[str, list[tuple[Case, Case]]] = {}
+    for pair in latest.values():
+        out.setdefault(pair[0].model_version, []).append(pair)
+    return out
 
 
 def collect_performance(sessions: sessionmaker[Any]) -> dict[str, Any]:
@@ -146,7 +208,15 @@ def collect_performance(sessions: sessionmaker[Any]) -> dict[str, Any]:
     by_version: dict[str, list[Case]] = {}
     for case in load_cases(sessions):
         by_version.setdefault(case.model_version, []).append(case)
-    return {"model_versions": {v: summarise(cs) for v, cs in sorted(by_version.items())}}
+    versions = {v: summarise(cs) | {"role": "live"} for v, cs in sorted(by_version.items())}
+    # a challenger beside the live model: the live verdicts of the very same jobs with it
+    for version, pairs in sorted(load_challenger_pairs(sessions).items()):
+        key = version if version not in versions else f"{version} (challenger)"
+        versions[key] = summarise([c for c, _ in pairs]) | {
+            "role": "challenger",
+            "live_on_same_series": summarise([live for _, live in pairs]),
+        }
+    return {"model_versions": versions}
 
 
 def _fmt(metric: dict[str, Any]) -> str:
@@ -161,9 +231,10 @@ def format_performance(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for version, m in report["model_versions"].items():
         c, lat = m["confusion"], m["latency_last_image_to_sr"]
+        role = " [challenger: shadow, never sent]" if m.get("role") == "challenger" else ""
         lines += [
-            f"model version {version or '?'}: {m['series']} series, {m['labelled']} labelled, "
-            f"{m['unlabelled']} unlabelled",
+            f"model version {version or '?'}{role}: {m['series']} series, {m['labelled']} "
+            f"labelled, {m['unlabelled']} unlabelled",
             f"  TP {c['tp']}  FP {c['fp']}  FN {c['fn']}  TN {c['tn']}",
             f"  sensitivity  {_fmt(m['sensitivity'])}",
             f"  specificity  {_fmt(m['specificity'])}",
@@ -178,4 +249,10 @@ def format_performance(report: dict[str, Any]) -> str:
                 else "-"
             ),
         ]
+        if "live_on_same_series" in m:
+            same = m["live_on_same_series"]
+            lines += [
+                f"  live model on the same {same['labelled']} labelled series: sensitivity "
+                f"{_fmt(same['sensitivity'])}, specificity {_fmt(same['specificity'])}"
+            ]
     return "\n".join(lines) or "no analysed series yet"

@@ -20,14 +20,11 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float | None:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    starts = np.flatnonzero(np.r_[True, np.diff(sorted_s) != 0])
-    ends = np.r_[starts[1:], len(s)]
-    for a, b in zip(starts, ends, strict=True):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
+    # average 1-based rank of each score among all: ties share the mean of their positions
+    sorted_s = np.sort(s)
+    ranks = (
+        np.searchsorted(sorted_s, s, "left") + np.searchsorted(sorted_s, s, "right") + 1
+    ) / 2.0
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -52,10 +49,15 @@ def auc_ci95(
         return None
     rng = np.random.default_rng(seed)
     aucs = []
+    single = all(len(ix) == 1 for ix in pos_p + neg_p)  # one case per patient (series)
+    pos_flat, neg_flat = np.concatenate(pos_p), np.concatenate(neg_p)
     for _ in range(n_boot):
-        pick = [pos_p[j] for j in rng.integers(len(pos_p), size=len(pos_p))]
-        pick += [neg_p[j] for j in rng.integers(len(neg_p), size=len(neg_p))]
-        ix = np.concatenate(pick)
+        pos_pick = rng.integers(len(pos_p), size=len(pos_p))
+        neg_pick = rng.integers(len(neg_p), size=len(neg_p))
+        if single:  # the same draw without building a list of one-element arrays
+            ix = np.concatenate([pos_flat[pos_pick], neg_flat[neg_pick]])
+        else:
+            ix = np.concatenate([pos_p[j] for j in pos_pick] + [neg_p[j] for j in neg_pick])
         auc = roc_auc(y[ix], s[ix])
         if auc is not None:
             aucs.append(auc)

@@ -1,5 +1,6 @@
-"""Ground truth in (``labels import``) and local performance out (``performance``), with numbers
-worked out by hand for a fixture with known labels."""
+"""Ground truth in (``labels import``, and one series' label as the console sets it) and local
+performance out (``performance``), with numbers worked out by hand for a fixture with known
+labels."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from node import cli
 from node.config import Settings
 from node.db import Job, JobStage, JobState, Label, LabelAudit, Series, SeriesState
-from node.labels import LabelImportError, import_labels
+from node.labels import LabelImportError, import_labels, label_history, set_series_label
 from node.performance import collect_performance, wilson
 from node.service import open_state
 
@@ -255,3 +256,26 @@ def test_roc_auc_matches_scikit_learn_with_ties() -> None:
         if 0 < y.sum() < len(y):
             assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert roc_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+
+
+def test_a_series_label_set_twice_keeps_both_audit_rows(
+    state: tuple[sessionmaker[Any], Path],
+) -> None:
+    sessions, _ = state
+    uid = "1.2.3.9.1"
+    with pytest.raises(ValueError, match="labelled_by"):
+        set_series_label(sessions, uid, pneumonia=True, covid=None, who=" ", source="console")
+    with pytest.raises(ValueError, match="series_instance_uid"):
+        set_series_label(sessions, "1.2.x", pneumonia=True, covid=None, who="dr.a", source="c")
+    assert count(sessions, Label) == 0 and count(sessions, LabelAudit) == 0
+
+    first = set_series_label(sessions, uid, pneumonia=True, covid=None, who="dr.a", source="a")
+    second = set_series_label(sessions, uid, pneumonia=False, covid=False, who="dr.b", source="b")
+    assert (first, second) == ("added", "changed")
+    with sessions() as session:
+        history = label_history(session, [("series", uid)])
+        label = session.scalars(select(Label)).one()
+    assert (label.pneumonia, label.covid, label.labelled_by) == (0, 0, "dr.b")
+    assert [h.changed_by for h in history] == ["dr.b", "dr.a"]  # newest first
+    assert history[1].before is None and history[0].before == history[1].after
+    assert history[0].after["pneumonia"] is False and history[0].source == "b"

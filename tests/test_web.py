@@ -1,7 +1,9 @@
 """Web console over HTTP, in-process: config guard, basic auth, /metrics, dashboard (category,
 PO, model notice) and its actions, /classify messages and limits, and a real series zip: its
 category, PO/PHO table, key slices drawn with lung outlines and opacity map, and SR download equal
-to the offline classify.
+to the offline classify; labels from the series page (sign-in, token, same origin, audit rows),
+the performance page against ``collect_performance`` (a challenger included), one vocabulary of
+states across ``status``, ``status --json`` and the console, and the mode and drift banners.
 
 The console runs as in the node (``start_web`` on a real socket, uvicorn in a thread) over a real
 SQLite database; requests go over loopback with ``requests``.
@@ -16,6 +18,8 @@ import io
 import json
 import re
 import shutil
+import sys
+import types
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,17 +31,34 @@ import pytest
 import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
+from node import cli
 from node.assess import CATEGORY_TEXT
 from node.classify import classify_paths
 from node.config import Settings, load_settings
-from node.db import Instance, Job, JobStage, JobState, Series, SeriesState, utcnow
+from node.db import (
+    ChallengerResult,
+    Instance,
+    Job,
+    JobStage,
+    JobState,
+    Label,
+    LabelAudit,
+    Series,
+    SeriesState,
+    ShadowDelivery,
+    utcnow,
+)
 from node.errors import ConfigError
 from node.infer import load_model
+from node.labels import import_labels
 from node.model_spec import SPEC_FILE
+from node.performance import collect_performance
 from node.pipeline import Context
 from node.report import verdict_from_report
 from node.service import open_state
+from node.status import STATES
 from node.web.classify import UploadError, extract_zip
 from node.web.render import LEFT_LUNG_RGB, RIGHT_LUNG_RGB
 from node.web.server import WebServer, start_web
@@ -436,10 +457,17 @@ def test_classify_series_zip_gives_the_node_verdict_and_sr(
     thresholds = " ".join(page.split('id="thresholds">', 1)[1].split("</p>", 1)[0].split())
     thresholds = html.unescape(thresholds)
     po_threshold = ctx.model.spec.analysis.po_threshold
-    assert f"PO of at least {po_threshold:g} % (model.json <code>analysis.po_threshold</code>)" in (
-        thresholds
+    assert thresholds.startswith("One threshold sets the verdict: a series is flagged when its PO")
+    assert (
+        f"reaches {po_threshold:g} % (model.json <code>analysis.po_threshold</code>" in thresholds
     )
-    assert "shown for reference only" in thresholds and offline["rule"] in thresholds
+    spec = ctx.model.spec  # the CNN's two thresholds, named as reference only
+    assert f"slice operating point ({spec.threshold:.3f}" in thresholds
+    assert f"positive from {spec.series_rule.series_threshold:g})" in thresholds
+    assert thresholds.endswith("only make the CNN score shown for reference.")
+    assert offline["rule"] in html.unescape(
+        page
+    )  # the verdict's own rule, beside the CNN's verdict
 
     # the PO table: left, right, both lungs; zones; bands (the verdict's numbers, 2 decimals)
     table = region_table(page)
@@ -491,3 +519,286 @@ def test_classify_series_zip_gives_the_node_verdict_and_sr(
     assert from_console["slices_analysed"] == offline["slices_analysed"]
     for name, value in offline["probabilities"].items():
         assert any(abs(v - value) < 1e-5 for v in from_console["probabilities"].values()), name
+
+
+# --- labels from the console ---------------------------------------------------------------------
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]{64})"', page)
+    assert found, "the label form carries a token"
+    return found[1]
+
+
+def post_label(
+    url: str, series_id: int, auth: tuple[str, str] | None, **fields: str
+) -> requests.Response:
+    return requests.post(
+        f"{url}/series/{series_id}/label", data=fields, auth=auth, timeout=10, allow_redirects=False
+    )
+
+
+def audit_rows(ctx: Context) -> list[LabelAudit]:
+    with ctx.sessions() as session:
+        return list(session.scalars(select(LabelAudit).order_by(LabelAudit.id)))
+
+
+def test_label_from_the_console_with_sign_in_token_and_audit(
+    console_factory: Callable[..., Console],
+) -> None:
+    ctx, url = console_factory(password="s3cret")
+    series_id, job_id = seed_series(ctx, "1.2.3.20", job=DONE_POSITIVE)
+    dr_a, dr_b = ("dr.a", "s3cret"), ("dr.b", "s3cret")
+
+    page = requests.get(f"{url}/series/{series_id}", auth=dr_a, timeout=10).text
+    assert NOTICE in page and 'id="label-form"' in page and "Save label as dr.a" in page
+    assert "Not labelled yet." in page and 'id="audit-empty"' in page
+    token = csrf_of(page)
+
+    # refused: no sign-in, a wrong password, no token, another user's token, another site
+    assert post_label(url, series_id, None, csrf=token, agreement="agree").status_code == 401
+    wrong = ("dr.a", "nope")
+    assert post_label(url, series_id, wrong, csrf=token, agreement="agree").status_code == 401
+    assert post_label(url, series_id, dr_a, agreement="agree").status_code == 403
+    assert post_label(url, series_id, dr_b, csrf=token, agreement="agree").status_code == 403
+    forged = requests.post(
+        f"{url}/series/{series_id}/label",
+        data={"csrf": token, "agreement": "agree"},
+        auth=dr_a,
+        headers={"Origin": "http://evil.example"},
+        timeout=10,
+    )
+    assert forged.status_code == 403
+    # refused with the field named: agreeing with a flagged verdict but saying no pneumonia
+    bad = post_label(url, series_id, dr_a, csrf=token, agreement="agree", pneumonia="no")
+    assert (
+        bad.status_code == 422 and "pneumonia: &#39;no&#39; contradicts &#39;agree&#39;" in bad.text
+    )
+    assert audit_rows(ctx) == []
+
+    # disagree with "typical": no pneumonia, by dr.a
+    done = post_label(url, series_id, dr_a, csrf=token, agreement="disagree", covid="no")
+    assert done.status_code == 303 and done.headers["location"].startswith(f"/series/{series_id}")
+    first = audit_rows(ctx)
+    assert len(first) == 1 and first[0].changed_by == "dr.a" and first[0].before_json == ""
+    after = json.loads(first[0].after_json)
+    assert (after["pneumonia"], after["covid"], after["labelled_by"]) == (False, False, "dr.a")
+    assert f"disagreed with the verdict typical (job {job_id}" in first[0].source
+    performance = requests.get(url + "/api/performance", auth=dr_a, timeout=10).json()
+    numbers = performance["model_versions"]["0.0.1"]
+    assert (numbers["labelled"], numbers["unlabelled"], numbers["confusion"]["fp"]) == (1, 0, 1)
+
+    # the same series labelled again, by dr.b, agreeing: both audit rows stay, chained
+    page = requests.get(f"{url}/series/{series_id}", auth=dr_b, timeout=10).text
+    assert "disagrees with the verdict" in page and "by dr.a" in page
+    done = post_label(url, series_id, dr_b, csrf=csrf_of(page), agreement="agree", covid="yes")
+    assert done.status_code == 303
+    both = audit_rows(ctx)
+    assert [a.changed_by for a in both] == ["dr.a", "dr.b"]
+    assert json.loads(both[1].before_json) == after
+    assert json.loads(both[1].after_json)["pneumonia"] is True
+    with ctx.sessions() as session:
+        label = session.scalars(select(Label)).one()
+        assert (label.key_kind, label.key_value, label.pneumonia, label.covid) == (
+            "series",
+            "1.2.3.20",
+            1,
+            1,
+        )
+    page = requests.get(f"{url}/series/{series_id}", auth=dr_b, timeout=10).text
+    assert page.count('<tr class="audit-row">') == 2
+    numbers = requests.get(url + "/api/performance", auth=dr_b, timeout=10).json()
+    assert numbers["model_versions"]["0.0.1"]["confusion"]["tp"] == 1
+    dashboard_row = {
+        r["series_instance_uid"]: r
+        for r in requests.get(url + "/api/series", auth=dr_b, timeout=10).json()
+    }["1.2.3.20"]
+    assert dashboard_row["label"]["labelled_by"] == "dr.b" and dashboard_row["agrees"] is True
+
+
+def test_labelling_needs_the_console_password(console_factory: Callable[..., Console]) -> None:
+    ctx, url = console_factory()  # no web.password: nobody to record as who
+    series_id, _ = seed_series(ctx, "1.2.3.21", job=DONE_NEGATIVE)
+    page = requests.get(f"{url}/series/{series_id}", timeout=10).text
+    assert 'id="labelling-off"' in page and 'id="label-form"' not in page
+    refused = post_label(url, series_id, None, agreement="agree")
+    assert refused.status_code == 403 and "web.password" in refused.text
+    assert audit_rows(ctx) == []
+    assert requests.get(f"{url}/series/999", timeout=10).status_code == 404
+
+
+# --- one vocabulary of states --------------------------------------------------------------------
+
+
+def test_state_names_are_the_same_in_cli_json_and_console(
+    console_factory: Callable[..., Console], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctx, url = console_factory()
+    analysing = {**DONE_POSITIVE, "stage": JobStage.ANALYSE, "analysed": None, "finding": ""}
+    kept = {**DONE_POSITIVE, "state": JobState.QUEUED, "last_error": ""}
+    expected = {
+        "1.2.3.30": "receiving",
+        "1.2.3.31": "rejected",
+        "1.2.3.32": "complete",
+        "1.2.3.33": "queued",
+        "1.2.3.34": "running",
+        "1.2.3.35": "reported",
+        "1.2.3.36": "shadow",
+        "1.2.3.37": "delivered",
+        "1.2.3.38": "failed",
+    }
+    seed_series(ctx, "1.2.3.30", state=SeriesState.RECEIVING)
+    seed_series(ctx, "1.2.3.31", state=SeriesState.REJECTED, reason="modality: 'MR'")
+    seed_series(ctx, "1.2.3.32")
+    seed_series(ctx, "1.2.3.33", job={**analysing, "state": JobState.QUEUED})
+    seed_series(ctx, "1.2.3.34", job={**analysing, "state": JobState.RUNNING})
+    seed_series(ctx, "1.2.3.35", job=kept)
+    _, shadow_job = seed_series(ctx, "1.2.3.36", job={**DONE_POSITIVE, "state": "done"})
+    seed_series(ctx, "1.2.3.37", job=DONE_POSITIVE)
+    seed_series(ctx, "1.2.3.38", job=DEAD_LETTER)
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, shadow_job)
+        assert job is not None
+        job.delivered_at = None  # shadow mode: done, withheld, not sent
+        session.add(ShadowDelivery(job_id=shadow_job, peer="pacs"))
+
+    config = tmp_path / "status-config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "storage": {
+                    "spool_dir": str(ctx.settings.storage.spool_dir),
+                    "database_url": ctx.settings.storage.database_url,
+                },
+                "results": {"send_to": None},
+            }
+        )
+    )
+    assert cli.main(["status", "--json", "--config", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    from_json = {r["series_instance_uid"]: r["state"] for r in report["recent_series"]}
+    assert cli.main(["status", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    from_text = {
+        line.split()[0]: line.split()[3] for line in text.splitlines() if line.startswith("1.2.3.")
+    }
+    page = requests.get(url + "/", timeout=10).text
+    from_page = dict(
+        re.findall(r'<tr class="row" data-series-uid="([^"]+)" data-state="([^"]+)"', page)
+    )
+    from_api = {
+        r["series_instance_uid"]: r["state"]
+        for r in requests.get(url + "/api/series", timeout=10).json()
+    }
+    assert from_json == from_text == from_page == from_api == expected
+    assert list(report["by_state"]) == list(STATES) and set(expected.values()) == set(STATES)
+    assert report["by_state"] == dict.fromkeys(STATES, 1)
+    assert "series: " + ", ".join(f"{s} 1" for s in STATES) in text
+    legend = re.findall(r'<dt><span class="state ([a-z]+)">', page)
+    summary = re.findall(r'<li class="state [a-z]+" data-state="([a-z]+)"', page)
+    assert legend == summary == list(STATES)
+
+
+# --- performance page and the banners ------------------------------------------------------------
+
+
+def test_performance_page_renders_collect_performance(
+    console_factory: Callable[..., Console], tmp_path: Path
+) -> None:
+    ctx, url = console_factory()
+    seeded = {  # uid: (job, label)
+        "1.2.3.40": (DONE_POSITIVE, "pneumonia"),
+        "1.2.3.41": (DONE_POSITIVE, "no pneumonia"),
+        "1.2.3.42": (DONE_NEGATIVE, "no pneumonia"),
+        "1.2.3.43": (DONE_NEGATIVE, "pneumonia"),
+        "1.2.3.44": (DONE_NEGATIVE, ""),
+    }
+    for uid, (job, _) in seeded.items():
+        seed_series(ctx, uid, job=job)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "series_instance_uid,label,labelled_by,labelled_at\n"
+        + "".join(f"{uid},{lab},dr.csv,2026-12-01\n" for uid, (_, lab) in seeded.items() if lab)
+    )
+    import_labels(ctx.sessions, labels)
+    expected = collect_performance(ctx.sessions)["model_versions"]["0.0.1"]
+
+    page = requests.get(url + "/performance", timeout=10).text
+    section = page.split('data-version="0.0.1">', 1)[1].split("</section>", 1)[0]
+    for name in ("sensitivity", "specificity", "ppv", "npv", "auc_po"):
+        row = section.split(f'data-metric="{name}">', 1)[1].split("</tr>", 1)[0]
+        value = expected[name]["value"]
+        assert (f"{value:.3f}" if value is not None else ">-<") in row, name
+        assert f'<td class="num n">{expected[name]["n"]}</td>' in row, name
+        if expected[name]["ci95"]:
+            low, high = expected[name]["ci95"]
+            assert f"{low:.3f} \N{EN DASH} {high:.3f}" in row, name
+    assert expected["sensitivity"]["value"] == 0.5 and expected["unlabelled"] == 1
+    assert f'<b class="n-unlabelled">{expected["unlabelled"]}</b>' in section
+    assert f'<b class="n-labelled">{expected["labelled"]}</b>' in section
+    assert NOTICE in page and 'id="threshold-story"' in page
+    # the score distributions: one dot per series and score, in the group of its label
+    dots = re.findall(r'<circle class="dot" data-group="([^"]+)" data-value="([0-9.]+)"', section)
+    assert len(dots) == 2 * len(seeded)
+    po_dots = sorted((g, float(v)) for g, v in dots[: len(seeded)])
+    assert po_dots == sorted(
+        [
+            ("pneumonia", 12.345),
+            ("no pneumonia", 12.345),
+            ("no pneumonia", 0.104),
+            ("pneumonia", 0.104),
+            ("unlabelled", 0.104),
+        ]
+    )
+
+    # a challenger (recorded beside the live model, never sent) is shown as such, with the live
+    # model's numbers on the same series
+    with ctx.sessions.begin() as session:
+        jobs = session.execute(
+            select(Job.id, Series.series_instance_uid).join(Series, Series.id == Job.series_id)
+        ).all()
+        for job_id, uid in jobs:
+            if uid in ("1.2.3.40", "1.2.3.43"):  # flags both pneumonia series, PO 20 %
+                session.add(
+                    ChallengerResult(
+                        job_id=job_id,
+                        model_name="tiny-test-model",
+                        model_version="0.0.2",
+                        analysed=1,
+                        finding="typical",
+                        series_score=0.9,
+                        verdict_json=stored_verdict("typical", 20.0, "COVID-19", 0.9),
+                    )
+                )
+    report = collect_performance(ctx.sessions)["model_versions"]
+    assert report["0.0.2"]["role"] == "challenger"
+    page = requests.get(url + "/performance", timeout=10).text
+    assert page.count('class="panel model-version') == 2
+    live_section = page.split('data-version="0.0.1">', 1)[1].split("</section>", 1)[0]
+    challenger = page.split('data-version="0.0.2">', 1)[1].split("</section>", 1)[0]
+    assert "challenger, not sent" in challenger and "challenger, not sent" not in live_section
+    sensitivity = r'"sensitivity"><th>Sensitivity</th>\s*<td class="num value">1.000<'
+    assert re.search(sensitivity, challenger)
+    same = report["0.0.2"]["live_on_same_series"]["sensitivity"]["value"]
+    assert f'<td class="num" data-metric="sensitivity">{same:.3f}</td>' in challenger
+    assert challenger.count('<circle class="dot"') == 4  # 2 series x (PO, CNN score)
+
+
+def test_mode_and_drift_banners_on_every_page(
+    console_factory: Callable[..., Console], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drift = types.ModuleType("node.drift")
+    warning = "PO distribution shifted: KS 0.41 > 0.2 over 31 series (7 days)"
+    drift.current_warning = lambda sessions: warning  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "node.drift", drift)
+    ctx, url = console_factory(password="s3cret")
+    series_id, _ = seed_series(ctx, "1.2.3.50", job=DONE_POSITIVE)
+    for path in ("/", "/performance", f"/series/{series_id}", "/classify", "/model"):
+        page = html.unescape(requests.get(url + path, auth=("dr.a", "s3cret"), timeout=10).text)
+        assert f'id="drift-warning" role="alert"><b>Drift:</b> {warning}</p>' in page, path
+        assert 'class="model-tag mode-live"' in page, path
+
+    monkeypatch.setitem(sys.modules, "node.drift", None)  # not there yet: ImportError, no banner
+    _, url = console_factory()
+    page = requests.get(url + "/performance", timeout=10).text
+    assert 'id="drift-warning"' not in page and "live mode" in page

@@ -5,13 +5,18 @@ The dashboard is opened before a real series is sent to Orthanc and, without rel
 it arrive and reach "delivered" with its category and PO (a COVID-19 series follows it);
 /classify gets a real slice, a real DICOM file and a real series zip (category, PO table, key
 slices with lung outlines and opacity map, the CNN's curve); /metrics of the same node is parsed
-with prometheus_client.  Screenshots go to tests/output/screenshots/; with UPDATE_SCREENSHOTS=1
-they are also copied to docs/screenshots/.
+with prometheus_client.  A second node, in shadow mode with a password and a challenger model,
+analyses three real series: labels come in by ``labels import`` and by the series page's form
+(agree, then disagree: two audit rows), and the performance page, its challenger panel, the drift
+and mode banners and the state names are checked against the CLI of the same node.
+Screenshots go to tests/output/screenshots/; with UPDATE_SCREENSHOTS=1 they are also copied to
+docs/screenshots/.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -27,6 +32,7 @@ from typing import Any
 import pydicom
 import pytest
 import requests
+import yaml
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,6 +42,7 @@ from node.report import verdict_from_report
 from tests.nodeproc import REPO, NodeProcess, node_config
 from tests.peers import (
     CTMD_COVID,
+    CTMD_NORMAL,
     SHARED_DATA,
     TCIA_SIEMENS_B40F,
     Orthanc,
@@ -193,13 +200,14 @@ def test_dashboard_shows_a_series_from_orthanc_reach_delivered(
     assert set(seen[:-1]) <= {"receiving", "complete", "queued", "running", "reported"}, seen
 
     cells = [c.inner_text() for c in page.query_selector_all(f"{row} td")]
-    age, study_date, series, slices, sender, state, verdict, turnaround, _ = cells
+    age, study_date, series, slices, sender, state, verdict, label, turnaround, _ = cells
     assert age.endswith(" ago")
     assert study_date == f"{source.StudyDate[:4]}-{source.StudyDate[4:6]}-{source.StudyDate[6:]}"
     assert " ".join(str(source.SeriesDescription).split()) in series  # HTML collapses spaces
     assert slices == str(len(files)) and sender == "ORTHANC" and state.startswith("delivered")
     assert "CNN " in verdict  # the CNN's class and score, for reference
     assert turnaround.endswith(" s") or turnaround.endswith(" min")
+    assert label == "label…"  # not labelled yet: a link to its page
     assert NOTICE in page.inner_text("#model-notice")
     flagged = verdict_flagged(page, row)
 
@@ -375,3 +383,237 @@ def test_model_page_shows_card_figures_and_spec(web_node: WebNode, page: Any) ->
     assert page.eval_on_selector(".figures img", "img => img.naturalWidth") == 360
     assert '"positive_class": "COVID-19"' in page.inner_text("#model-json")
     screenshot(page, "model")
+
+
+# --- review: labels from the console and local performance, on a node in shadow mode --------------
+
+PASSWORD = "console-pass"
+RADIOLOGIST = "dr.browser"
+CHALLENGER_VERSION = "0.0.2"
+CHALLENGER_PO_THRESHOLD = 1.0  # the test model's is 0.5 %
+DRIFT_WARNING = "input mix shifted: slice thickness 5 mm in 80 % of series (reference 12 %)"
+
+
+@dataclass
+class ReviewNode:
+    node: NodeProcess
+    url: str
+    uids: dict[str, str]  # name -> Series Instance UID, all analysed (shadow: withheld)
+
+
+@pytest.fixture(scope="module")
+def review_node(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[ReviewNode]:
+    """A node in shadow mode with the console behind a password and a challenger model (the test
+    model as version 0.0.2, with a higher PO threshold), three real series analysed by both
+    (sent straight to the node: shadow mode sends nothing, so no PACS is needed)."""
+    folders = {"b40f": TCIA_SIEMENS_B40F, "covid": CTMD_COVID, "normal": CTMD_NORMAL}
+    require_shared_data(*folders.values())
+    require_tool("storescu")
+    tmp = tmp_path_factory.mktemp("web-review")
+    node_port, web_port = free_port(), free_port()
+    config = node_config(
+        tmp / "node",
+        port=node_port,
+        model_dir=model_with_card(tiny_model_dir, tmp / "model"),
+        pacs_port=free_port(),  # nothing listens there: shadow mode never calls it
+        extra={
+            "challenger_model_dir": str(challenger_model(tiny_model_dir, tmp / "challenger")),
+            "web": {"port": web_port, "password": PASSWORD},
+            "drift": {"enabled": False},  # the test writes the drift report the banner shows
+        },
+    )
+    raw = yaml.safe_load(config.read_text())
+    raw["results"]["mode"] = "shadow"
+    config.write_text(yaml.safe_dump(raw))
+    node = NodeProcess(config, node_port)
+    try:
+        node.start()
+        url = f"http://127.0.0.1:{web_port}"
+        uids = {name: series_uid(folder) for name, folder in folders.items()}
+        for folder in folders.values():
+            storescu(series_files(folder), port=node_port, aec="TRIAGE", aet="STORESCU")
+        for name, uid in uids.items():
+            wait_for(partial(is_shadowed, url, uid), 300, 0.5, f"{name} analysed")
+        wait_for(partial(challenger_done, url, len(uids)), 300, 0.5, "challenger verdicts")
+        yield ReviewNode(node, url, uids)
+    finally:
+        node.stop()
+
+
+def challenger_model(source: Path, target: Path) -> Path:
+    """The test model as another version, whose analysis flags only more opacity."""
+    model_with_card(source, target)
+    spec = json.loads((target / SPEC_FILE).read_text())
+    analysis = {**spec.get("analysis", {}), "po_threshold": CHALLENGER_PO_THRESHOLD}
+    (target / SPEC_FILE).write_text(
+        json.dumps({**spec, "version": CHALLENGER_VERSION, "analysis": analysis}, indent=2)
+    )
+    return target
+
+
+def challenger_done(url: str, count: int) -> bool:
+    report = requests.get(url + "/api/performance", auth=(RADIOLOGIST, PASSWORD), timeout=30)
+    versions = report.json()["model_versions"]
+    return bool(versions.get(CHALLENGER_VERSION, {}).get("series") == count)
+
+
+def is_shadowed(url: str, series_uid: str) -> bool:
+    """Analysed, its results written and withheld by shadow mode."""
+    rows = requests.get(url + "/api/series", auth=(RADIOLOGIST, PASSWORD), timeout=10).json()
+    return any(r["series_instance_uid"] == series_uid and r["state"] == "shadow" for r in rows)
+
+
+def signed_in_page(browser: Any) -> Any:
+    context = browser.new_context(
+        viewport={"width": 1360, "height": 900},
+        http_credentials={"username": RADIOLOGIST, "password": PASSWORD},
+    )
+    opened = context.new_page()
+    opened.set_default_timeout(60_000)
+    return opened
+
+
+LIVE = 'section.model-version[data-version="0.0.1"]'
+CHALLENGER = f'section.model-version[data-version="{CHALLENGER_VERSION}"]'
+
+
+def page_counts(page: Any) -> tuple[int, int]:
+    section = page.query_selector(LIVE)
+    return (
+        int(section.query_selector("b.n-labelled").inner_text()),
+        int(section.query_selector("b.n-unlabelled").inner_text()),
+    )
+
+
+def cli_numbers(review: ReviewNode, version: str = "0.0.1") -> dict[str, Any]:
+    report = json.loads(review.node.cli("performance", "--json").stdout)
+    return dict(report["model_versions"][version])
+
+
+def test_label_in_the_console_and_see_performance_change(
+    review_node: ReviewNode, browser: Any, tmp_path: Path
+) -> None:
+    uids = review_node.uids
+    # ground truth for two series from the CLI import, as a site would bring it
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "Series Instance UID,label,covid,labelled_by,labelled_at\n"
+        f"{uids['b40f']},no pneumonia,no,dr.csv,2026-12-01T08:00:00\n"
+        f"{uids['covid']},pneumonia,yes,dr.csv,2026-12-01T08:05:00\n"
+    )
+    assert "2 new" in review_node.node.cli("labels", "import", str(labels)).stdout
+
+    # a drift warning, as the weekly comparison stores it: the banner shows it on every page
+    from node.db import DriftReport, make_engine, make_sessionmaker
+
+    database = review_node.node.config.parent / "node.sqlite3"
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{database}"))
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with sessions.begin() as session:
+        session.add(
+            DriftReport(
+                window_start=now - dt.timedelta(days=7),
+                window_end=now,
+                drifted=1,
+                warning=DRIFT_WARNING,
+            )
+        )
+
+    page = signed_in_page(browser)
+    page.goto(review_node.url + "/performance")
+    before = cli_numbers(review_node)
+    assert page_counts(page) == (before["labelled"], before["unlabelled"]) == (2, 1)
+    assert page.inner_text("#drift-warning") == f"Drift: {DRIFT_WARNING}"
+    assert "shadow mode: nothing sent to pacs" in page.inner_text("header")
+    assert NOTICE in page.inner_text("#model-notice")
+    assert "analysis.po_threshold" in page.inner_text("#threshold-story")
+    rows = {
+        r.get_attribute("data-metric"): r.query_selector("td.value").inner_text()
+        for r in page.query_selector_all(f"{LIVE} table.metrics tbody tr")
+    }
+    for name in ("sensitivity", "specificity", "ppv", "npv", "auc_po"):
+        value = before[name]["value"]
+        assert rows[name] == ("-" if value is None else f"{value:.3f}"), name
+    dots = page.query_selector_all(f"{LIVE} figure.plot.po circle.dot")
+    assert sorted(d.get_attribute("data-group") for d in dots) == [
+        "no pneumonia",
+        "pneumonia",
+        "unlabelled",
+    ]
+    # the challenger beside it: measured on the same series, marked as never sent
+    challenger = cli_numbers(review_node, CHALLENGER_VERSION)
+    assert challenger["role"] == "challenger" and challenger["labelled"] == 2
+    assert "challenger, not sent" in page.inner_text(f"{CHALLENGER} h2")
+    shown = page.inner_text(f'{CHALLENGER} tr[data-metric="sensitivity"] td.value')
+    value = challenger["sensitivity"]["value"]
+    assert shown == ("-" if value is None else f"{value:.3f}")
+    assert len(page.query_selector_all(f"{CHALLENGER} figure.plot circle.dot")) == 6
+    screenshot(page, "performance")
+
+    # the unlabelled series, from the dashboard: agree with its verdict, then think again
+    page.goto(review_node.url + "/")
+    assert page.inner_text("#drift-warning") == f"Drift: {DRIFT_WARNING}"
+    row = f'tr.row[data-series-uid="{uids["normal"]}"]'
+    assert page.get_attribute(row, "data-state") == "shadow"
+    page.click(f"{row} a.desc")
+    page.wait_for_selector("#label-form")
+    assert NOTICE in page.inner_text("#model-notice")  # beside the verdict
+    assert page.inner_text("#current-label") == "Not labelled yet."
+    category = page.get_attribute("#verdict .category", "data-category")
+    flagged = category != "negative"
+    page.check("input[name=agreement][value=agree]")
+    page.check("input[name=covid][value=no]")
+    page.click("#save-label")
+    page.wait_for_selector("#flash")
+    assert page.inner_text("#flash").startswith("label added")
+    audit = page.query_selector_all("#audit tr.audit-row")
+    assert len(audit) == 1 and audit[0].query_selector("td.who").inner_text() == RADIOLOGIST
+    assert "agrees with the verdict" in page.inner_text("#current-label")
+    after_agree = cli_numbers(review_node)
+    assert (after_agree["labelled"], after_agree["unlabelled"]) == (3, 0)
+    confusion = after_agree["confusion"]
+    assert (
+        confusion["tp" if flagged else "tn"] == before["confusion"]["tp" if flagged else "tn"] + 1
+    )
+
+    page.check("input[name=agreement][value=disagree]")
+    page.click("#save-label")
+    page.wait_for_selector("#flash")
+    audit = page.query_selector_all("#audit tr.audit-row")
+    assert len(audit) == 2  # both changes stay, newest first
+    assert (
+        audit[0]
+        .query_selector("td.before")
+        .inner_text()
+        .startswith("pneumonia" if flagged else "no pneumonia")
+    )
+    assert "disagrees with the verdict" in page.inner_text("#current-label")
+    screenshot(page, "series_label")
+    after = cli_numbers(review_node)
+    assert after["confusion"]["fn" if not flagged else "fp"] == (
+        before["confusion"]["fn" if not flagged else "fp"] + 1
+    )
+
+    page.goto(review_node.url + "/performance")
+    assert page_counts(page) == (3, 0)
+    metrics = {
+        r.get_attribute("data-metric"): r.query_selector("td.n").inner_text()
+        for r in page.query_selector_all(f"{LIVE} table.metrics tbody tr")
+    }
+    assert metrics["sensitivity"] == str(after["sensitivity"]["n"])
+    page.context.close()
+
+
+def test_state_names_match_the_cli(review_node: ReviewNode, browser: Any) -> None:
+    status = review_node.node.status()
+    text = review_node.node.cli("status").stdout
+    page = signed_in_page(browser)
+    page.goto(review_node.url + "/")
+    for uid in review_node.uids.values():
+        (row,) = [r for r in status["recent_series"] if r["series_instance_uid"] == uid]
+        (line,) = [line for line in text.splitlines() if line.startswith(uid)]
+        shown = page.get_attribute(f'tr.row[data-series-uid="{uid}"]', "data-state")
+        assert row["state"] == line.split()[3] == shown == "shadow"
+    page.context.close()

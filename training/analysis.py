@@ -15,7 +15,10 @@ default; add a hospital's own labelled series the same way) through the node's o
 - measures the within-patient slice AUC of slice PO against COVID-CT-MD's slice labels;
 - writes ``analysis_evaluation.json`` and, with ``--write``, the fitted ``analysis`` block and
   a recomputed ``notice`` into ``model.json``; ``--overlays DIR`` draws lung and opacity
-  overlays of every series there (not into the repository: the images are licensed data).
+  overlays of every series there (not into the repository: the images are licensed data);
+- with ``--write-reference``, the ``reference`` block of ``model.json``: the PO and CNN scores
+  of these series and their input mix read from their headers (``node.drift.input_mix``), which
+  the node's drift monitoring compares its own series with.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 from node.assess import assess
 from node.config import Settings
+from node.drift import InputMix, input_mix, reference_summary
 from node.infer import LoadedModel, load_model
 from node.lungs import read_volume, segment
 from node.model_spec import SPEC_FILE, AnalysisSpec, load_spec
@@ -73,6 +77,7 @@ class SeriesResult:
     slices: int = 0
     verdict: dict[str, Any] = dataclasses.field(default_factory=dict)
     quantification: Quantification | None = None  # to re-assess with the fitted threshold
+    mix: InputMix | None = None  # scanner, kernel, thickness, contrast (drift reference)
 
 
 def _flag(value: str) -> bool | None:
@@ -117,6 +122,7 @@ def analyse_listed(
                 slices=len(files),
                 verdict=v,
                 quantification=verdict.quantification,
+                mix=input_mix(header) if header is not None else None,
             )
             logger.info(
                 "%s %s: %s PO %.2f%% PHO %.2f%% CNN %s",
@@ -328,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 f.name: getattr(r, f.name)
                 for f in dataclasses.fields(r)
-                if f.name not in ("verdict", "quantification")
+                if f.name not in ("verdict", "quantification", "mix")
             }
             | {"assessment": r.verdict.get("assessment"), "coverage": r.verdict.get("coverage")}
             for r in results
@@ -338,6 +344,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (args.model / CARD_FILE).write_text(analysis_card(report))
     if args.write:
         write_analysis(args.model, threshold, how, held_out, slices)
+    if args.write_reference:
+        write_reference(args.model, results, args.series)
     if args.overlays is not None:
         draw_overlays(results, args.series, args.data, args.overlays)
     return report
@@ -430,6 +438,24 @@ def write_analysis(
     load_spec(model_dir)  # still valid
 
 
+def write_reference(model_dir: Path, results: list[SeriesResult], listing: Path) -> None:
+    """Put the ``reference`` summary (``node.drift.reference_summary``) of the analysed series
+    into model.json, changing nothing else in it."""
+    analysed = [r for r in results if r.analysed]
+    sites = sorted({r.site for r in results})
+    summary = reference_summary(
+        po=[r.po for r in analysed],
+        cnn_score=[r.cnn_score for r in analysed],
+        mixes=[r.mix for r in results if r.mix is not None],
+        source=f"{listing.name}: {len(results)} series from {len(sites)} sites "
+        f"({', '.join(sites)}); PO and CNN score of the {len(analysed)} analysed",
+    )
+    raw = json.loads((model_dir / SPEC_FILE).read_text())
+    raw["reference"] = summary.model_dump(mode="json")
+    (model_dir / SPEC_FILE).write_text(json.dumps(raw, indent=2) + "\n")
+    load_spec(model_dir)  # still valid
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.analysis", description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory")
@@ -437,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="root of listed paths")
     parser.add_argument("--write", action="store_true", help="update model.json's analysis")
     parser.add_argument("--overlays", type=Path, default=None, help="folder for overlay PNGs")
+    parser.add_argument(
+        "--write-reference",
+        action="store_true",
+        help="write model.json's reference summary (drift monitoring)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("node.infer", "node.runtime", "node.series_check"):

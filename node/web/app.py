@@ -1,8 +1,11 @@
 """Web console, routes: a small server-rendered Starlette app over the node's context.
 
-``/`` dashboard (refreshes itself from ``/partials/series``), ``/classify`` upload and analyse,
+``/`` dashboard (refreshes itself from ``/partials/series``), ``/series/<id>`` one series with
+its label form, ``/performance`` local performance, ``/classify`` upload and analyse,
 ``/metrics`` Prometheus text, ``/model`` the loaded model's card and figures.  Optional HTTP
-basic auth guards every route when ``web.password`` is set.
+basic auth guards every route when ``web.password`` is set; the user name signed in with is who
+labels a series (labelling needs it).  POST forms are refused from another origin, and the label
+form carries a token bound to the user and the series.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import datetime as dt
 import hmac
 import json
 import logging
+import secrets
 import shutil
 import tempfile
+import threading
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,39 +48,57 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from node import jobs, metrics
 from node.assess import CATEGORY_TEXT
 from node.db import utcnow
+from node.labels import label_history, set_series_label
 from node.model_spec import SPEC_FILE
 from node.pipeline import Context
+from node.status import STATE_HELP, STATES
 from node.web import dashboard
 from node.web.classify import Outcome, ReportStore, UploadError, classify_upload
 from node.web.render import bar_chart, score_curve
+from node.web.review import (
+    LabelFormError,
+    csrf_token,
+    parse_label_form,
+    performance_context,
+    performance_key,
+    rule_text,
+)
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 REFRESH_S = 3
+DRIFT_CACHE_S = 30.0
 
 
 class BasicAuth:
-    """ASGI middleware: HTTP basic auth with one password (the user name is not checked)."""
+    """ASGI middleware: HTTP basic auth with one password.  Any user name is let in and kept in
+    ``scope["user"]``: it is who labels a series."""
 
     def __init__(self, app: ASGIApp, password: str) -> None:
         self.app = app
         self.password = password.encode()
 
-    def _allowed(self, scope: Scope) -> bool:
+    def _user(self, scope: Scope) -> str | None:
+        """The user name when the password is right, else None."""
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, value = header.partition(b" ")
         if scheme.lower() != b"basic":
-            return False
+            return None
         try:
-            _user, _, password = base64.b64decode(value, validate=True).partition(b":")
+            user, _, password = base64.b64decode(value, validate=True).partition(b":")
+            name = user.decode("utf-8")
         except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(password, self.password)
+            return None
+        return name if hmac.compare_digest(password, self.password) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._allowed(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        user = self._user(scope)
+        if user is not None:
+            await self.app({**scope, "user": user}, receive, send)
             return
         response = PlainTextResponse(
             "authentication required", 401, {"WWW-Authenticate": 'Basic realm="triage-node"'}
@@ -107,6 +132,11 @@ class Console:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.reports = ReportStore()
+        self.csrf_secret = secrets.token_bytes(32)  # per process: a restart voids open forms
+        self.labelling = ctx.settings.web.password is not None
+        self._drift: tuple[float, str | None] = (-DRIFT_CACHE_S, None)
+        self._performance_cache: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._performance_lock = threading.Lock()
         self.templates = Jinja2Templates(directory=HERE / "templates")
         env = self.templates.env
         env.filters.update(
@@ -123,11 +153,33 @@ class Console:
             node=ctx.settings.node,
             results=ctx.settings.results,
             refresh_s=REFRESH_S,
-            states=dashboard.STATES,
+            states=STATES,
+            state_help=STATE_HELP,
+            rule_text=rule_text(ctx.model.spec),
+            drift_warning=self.drift_warning,
         )
         self.collector = metrics.StateCollector(
             ctx.sessions, (ctx.model.spec.name, ctx.model.spec.version)
         )
+
+    def drift_warning(self) -> str | None:
+        """``node.drift.current_warning`` (cached a few seconds), for the banner on every page;
+        None while that module is absent."""
+        checked_at, warning = self._drift
+        if time.monotonic() - checked_at < DRIFT_CACHE_S:
+            return warning
+        try:
+            from node.drift import current_warning
+        except ImportError:
+            warning = None
+        else:
+            try:
+                warning = current_warning(self.ctx.sessions)
+            except Exception as exc:  # the banner must not take the page down
+                logger.exception("drift warning could not be read")
+                warning = f"the drift check could not be read ({type(exc).__name__}): see the log"
+        self._drift = (time.monotonic(), warning)
+        return warning
 
     # -- dashboard ---------------------------------------------------------------------------
     def _series_context(self) -> dict[str, Any]:
@@ -149,9 +201,7 @@ class Console:
 
     async def series_json(self, request: Request) -> Response:
         rows = await run_in_threadpool(dashboard.recent_series, self.ctx.sessions)
-        return JSONResponse(
-            [{**row.__dict__, "last_received_at": row.last_received_at.isoformat()} for row in rows]
-        )
+        return JSONResponse([dashboard.row_json(row) for row in rows])
 
     def _same_origin(self, request: Request) -> bool:
         origin = request.headers.get("origin") or request.headers.get("referer")
@@ -179,6 +229,97 @@ class Console:
         except ValueError as exc:
             return self._back(f"cannot re-run: {exc}")
         return self._back(f"re-run queued as job {job_id} with model {self.ctx.model.spec.version}")
+
+    # -- one series and its label ------------------------------------------------------------
+    def _series_page(self, series_id: int, user: str) -> dict[str, Any] | None:
+        row = dashboard.one_series(self.ctx.sessions, series_id)
+        if row is None:
+            return None
+        keys = [("series", row.series_instance_uid), ("study", row.study_instance_uid)]
+        with self.ctx.sessions() as session:
+            history = label_history(session, keys)
+        return {
+            "r": row,
+            "history": history,
+            "labelling": self.labelling,
+            "user": user,
+            "csrf": csrf_token(self.csrf_secret, user, series_id),
+        }
+
+    async def series_page(self, request: Request) -> Response:
+        series_id = int(request.path_params["series_id"])
+        user = str(request.scope.get("user") or "")
+        context = await run_in_threadpool(self._series_page, series_id, user)
+        if context is None:
+            return PlainTextResponse(f"no series with id {series_id}", 404)
+        context["message"] = request.query_params.get("msg", "")
+        return self.templates.TemplateResponse(request, "series.html", context)
+
+    async def label_series(self, request: Request) -> Response:
+        if not self._same_origin(request):
+            return PlainTextResponse("cross-origin request refused", 403)
+        if not self.labelling:
+            return PlainTextResponse(
+                "labelling needs the console's sign-in: set web.password in config.yaml "
+                "(the user name signed in with is recorded as who labelled)",
+                403,
+            )
+        user = str(request.scope.get("user") or "").strip()
+        if not user:
+            return PlainTextResponse(
+                "labelling needs your name: sign in with it as the user name", 403
+            )
+        series_id = int(request.path_params["series_id"])
+        async with request.form(max_files=0, max_fields=8) as form:
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        expected = csrf_token(self.csrf_secret, user, series_id)
+        if not hmac.compare_digest(fields.get("csrf", ""), expected):
+            return PlainTextResponse(
+                "form token missing or stale: reload the series page and submit again", 403
+            )
+        context = await run_in_threadpool(self._series_page, series_id, user)
+        if context is None:
+            return PlainTextResponse(f"no series with id {series_id}", 404)
+        row = context["r"]
+        try:
+            choice = parse_label_form(fields, row)
+            outcome = await run_in_threadpool(
+                partial(
+                    set_series_label,
+                    self.ctx.sessions,
+                    row.series_instance_uid,
+                    pneumonia=choice.pneumonia,
+                    covid=choice.covid,
+                    who=user,
+                    source=choice.source(row),
+                )
+            )
+        except (LabelFormError, ValueError) as exc:
+            context["error"] = str(exc)
+            return self.templates.TemplateResponse(request, "series.html", context, 422)
+        logger.info("web console: series id %d label %s (job %s)", series_id, outcome, row.job_id)
+        message = f"label {outcome}: " + ("pneumonia" if choice.pneumonia else "no pneumonia")
+        return RedirectResponse(f"/series/{series_id}?msg={quote(message)}#label", status_code=303)
+
+    # -- performance -------------------------------------------------------------------------
+    def _performance(self) -> dict[str, Any]:
+        """``performance_context``, recomputed only when its inputs changed."""
+        key = performance_key(self.ctx.sessions)
+        with self._performance_lock:
+            if self._performance_cache is not None and self._performance_cache[0] == key:
+                return self._performance_cache[1]
+            challenger = self.ctx.challenger.spec if self.ctx.challenger is not None else None
+            context = performance_context(self.ctx.sessions, self.ctx.model.spec, challenger)
+            self._performance_cache = (key, context)
+            return context
+
+    async def performance(self, request: Request) -> Response:
+        context = await run_in_threadpool(self._performance)
+        return self.templates.TemplateResponse(request, "performance.html", context)
+
+    async def performance_json(self, request: Request) -> Response:
+        context = await run_in_threadpool(self._performance)
+        return JSONResponse(context["report"])
 
     # -- classify ----------------------------------------------------------------------------
     async def classify_form(self, request: Request) -> Response:
@@ -284,6 +425,10 @@ def create_app(ctx: Context) -> ASGIApp:
         Route("/api/series", console.series_json),
         Route("/jobs/{job_id:int}/retry", console.retry_job, methods=["POST"]),
         Route("/series/{series_id:int}/rerun", console.rerun_series, methods=["POST"]),
+        Route("/series/{series_id:int}", console.series_page),
+        Route("/series/{series_id:int}/label", console.label_series, methods=["POST"]),
+        Route("/performance", console.performance),
+        Route("/api/performance", console.performance_json),
         Route("/classify", console.classify_form, methods=["GET"]),
         Route("/classify", console.classify, methods=["POST"]),
         Route("/classify/sr/{token}", console.download_sr),

@@ -114,8 +114,11 @@ class CurvePoint:
     rank: int | None = None  # 1 = most suspicious of the slices the verdict names
 
 
-def score_curve(points: Sequence[CurvePoint], threshold: float, positive: str) -> Markup:
-    """Positive-class score per slice along the body axis (feet left, head right)."""
+def score_curve(
+    points: Sequence[CurvePoint], threshold: float, positive: str, threshold_label: str = ""
+) -> Markup:
+    """Positive-class score per slice along the body axis (feet left, head right), with the
+    threshold as a dashed line named ``threshold_label`` (default "threshold <value>")."""
     width, height, left, right, top, bottom = 720, 230, 48, 12, 12, 36
     plot_w, plot_h = width - left - right, height - top - bottom
     if not points:
@@ -146,7 +149,8 @@ def score_curve(points: Sequence[CurvePoint], threshold: float, positive: str) -
     parts.append(
         f'<line x1="{left}" x2="{left + plot_w}" y1="{y_thr:.1f}" y2="{y_thr:.1f}" '
         f'stroke="#c0392b" stroke-dasharray="5 4"/><text x="{left + plot_w - 4}" '
-        f'y="{y_thr - 4:.1f}" text-anchor="end" class="tick">threshold {threshold:g}</text>'
+        f'y="{y_thr - 4:.1f}" text-anchor="end" class="tick">'
+        f"{escape(threshold_label or f'threshold {threshold:g}')}</text>"
     )
     line = " ".join(f"{x_of(p.z):.1f},{y_of(p.score):.1f}" for p in points)
     parts.append(f'<polyline points="{line}" fill="none" stroke="#2e86c1" stroke-width="1.5"/>')
@@ -168,5 +172,87 @@ def score_curve(points: Sequence[CurvePoint], threshold: float, positive: str) -
         f"z {z_max:.0f} mm (head)</text>"
         f'<text x="{left + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle" class="tick">'
         "slice position along the body axis; grey: too little lung, not used</text></svg>"
+    )
+    return Markup("".join(parts))
+
+
+@dataclass(frozen=True)
+class Strip:
+    """One row of a strip plot: a group's name, its colour and its values."""
+
+    name: str
+    colour: str
+    values: tuple[float, ...]
+
+
+def _nice_max(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least ``value``."""
+    if value <= 0:
+        return 1.0
+    power = 10.0 ** np.floor(np.log10(value))
+    return float(next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= value))
+
+
+def strip_plot(
+    strips: Sequence[Strip],
+    *,
+    title: str,
+    unit: str,
+    threshold: float,
+    threshold_label: str,
+    x_max: float | None = None,
+) -> Markup:
+    """One row of dots per group (each dot a series) on a shared axis, with each group's median
+    as a bar and the threshold as a dashed line: a score distribution by label, readable with a
+    handful of series as with hundreds."""
+    width, left, right, top, row_h, bottom = 620, 170, 20, 22, 34, 40
+    plot_w = width - left - right
+    height = top + row_h * len(strips) + bottom
+    top_value = max([threshold * 1.5, *(v for s in strips for v in s.values)])
+    span = x_max if x_max is not None else _nice_max(top_value)
+
+    def x_of(value: float) -> float:
+        return left + plot_w * min(max(value, 0.0), span) / span
+
+    parts = [
+        f'<svg class="strips" role="img" aria-label="{escape(title)}" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">',
+    ]
+    for i in range(5):
+        tick = span * i / 4
+        x = x_of(tick)
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" stroke="#e3e7eb"/>'
+            f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle" class="tick">'
+            f"{tick:g}</text>"
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle" class="tick">'
+        f"{escape(unit)}</text>"
+    )
+    for row, strip in enumerate(strips):
+        y = top + row_h * row + row_h / 2
+        parts.append(
+            f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{escape(strip.name)} '
+            f'<tspan class="tick">n={len(strip.values)}</tspan></text>'
+        )
+        if strip.values:
+            x = x_of(float(np.median(strip.values)))
+            parts.append(
+                f'<line class="median" x1="{x:.1f}" x2="{x:.1f}" y1="{y - row_h / 2 + 3:.1f}" '
+                f'y2="{y + row_h / 2 - 3:.1f}" stroke="{strip.colour}" stroke-width="2.5"/>'
+            )
+        for j, value in enumerate(strip.values):
+            jitter = ((j * 0.618034 + 0.5) % 1.0 - 0.5) * (row_h - 14)  # golden ratio, first at 0
+            parts.append(
+                f'<circle class="dot" data-group="{escape(strip.name)}" data-value="{value:.4f}" '
+                f'cx="{x_of(value):.1f}" cy="{y + jitter:.1f}" r="4" fill="{strip.colour}" '
+                f'fill-opacity="0.7" stroke="#fff"><title>{value:.3g}</title></circle>'
+            )
+    x_thr = x_of(threshold)
+    parts.append(
+        f'<line x1="{x_thr:.1f}" x2="{x_thr:.1f}" y1="{top - 4}" y2="{height - bottom}" '
+        f'stroke="#c0392b" stroke-dasharray="5 4"/><text x="{x_thr + 4:.1f}" y="{top - 6}" '
+        f'class="tick">{escape(threshold_label)}</text></svg>'
     )
     return Markup("".join(parts))
