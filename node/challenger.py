@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from node.config import Settings, load_settings
-from node.db import ChallengerResult, Instance
+from node.db import ChallengerResult
 from node.errors import ConfigError, ModelError
 from node.infer import LoadedModel, load_model
 from node.model_spec import load_spec
@@ -96,14 +96,6 @@ def _already_recorded(ctx: Context, job_id: int, model: LoadedModel) -> bool:
         )
 
 
-def _paths(ctx: Context, series_id: int) -> list[Path]:
-    with ctx.sessions() as session:
-        rows = session.scalars(
-            select(Instance.path).where(Instance.series_id == series_id, Instance.purged == 0)
-        ).all()
-    return [Path(p) for p in rows]
-
-
 def shadow_analyse(job: ClaimedJob, ctx: Context) -> bool:
     """Analyse ``job``'s series with the challenger and record its verdict, once per job and
     challenger version; return whether a verdict was recorded now.  Never raises: the live
@@ -126,11 +118,11 @@ def shadow_analyse(job: ClaimedJob, ctx: Context) -> bool:
 
 
 def _analyse_and_record(job: ClaimedJob, ctx: Context, model: LoadedModel) -> bool:
-    from node.pipeline import analyse_series  # pipeline calls this module: import when used
+    from node.pipeline import analyse_series, series_paths  # pipeline imports this module
 
     started = time.perf_counter()
     analysis = analyse_series(
-        _paths(ctx, job.series_id), model, ctx.settings, series_version=job.series_version
+        series_paths(ctx, job.series_id), model, ctx.settings, series_version=job.series_version
     )
     verdict = analysis.verdict
     elapsed = time.perf_counter() - started

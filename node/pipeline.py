@@ -21,7 +21,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node import drift, jobs, lungs, metrics, opacity, outputs
+from node import challenger, drift, jobs, lungs, metrics, opacity, outputs
 from node.assess import assess
 from node.config import Settings
 from node.db import Instance, Job, JobStage, JobState
@@ -277,9 +277,7 @@ def run_job(job: jobs.ClaimedJob, ctx: Context) -> str:
             return JobState.QUEUED
         state = deliver(job, Path(_job_row(ctx, job.job_id).sr_path), ctx)
         if ctx.challenger is not None:  # after the live results' first delivery attempt
-            from node.challenger import shadow_analyse
-
-            shadow_analyse(job, ctx)
+            challenger.shadow_analyse(job, ctx)
         return state
     except OSError as exc:  # disk full, spool unreadable: transient, retry with backoff
         state = jobs.attempt_failed(ctx.sessions, job, str(exc), ctx.settings.results.retry)
@@ -306,7 +304,7 @@ def analyse_and_report(job: jobs.ClaimedJob, ctx: Context) -> Path:
     verdict; return the SR's path (the others lie beside it)."""
     started = time.perf_counter()
     results = ctx.settings.results
-    paths = _series_paths(ctx, job.series_id)
+    paths = series_paths(ctx, job.series_id)
     analysis = analyse_series(
         paths,
         ctx.model,
@@ -417,7 +415,8 @@ def _job_row(ctx: Context, job_id: int) -> Job:
         return job
 
 
-def _series_paths(ctx: Context, series_id: int) -> list[Path]:
+def series_paths(ctx: Context, series_id: int) -> list[Path]:
+    """The spooled (not purged) files of a series."""
     with ctx.sessions() as session:
         rows = session.scalars(
             select(Instance.path).where(Instance.series_id == series_id, Instance.purged == 0)

@@ -134,12 +134,12 @@ def _record(
             received_at=now,
         )
     )
-    session.execute(
+    version = session.execute(
         update(Series)
         .where(Series.id == series.id)
         .values(instance_count=Series.instance_count + 1, last_received_at=now)
-    )
-    version = int(session.scalar(select(Series.version).where(Series.id == series.id)) or 1)
+        .returning(Series.version)
+    ).scalar_one()
     if reopened:
         logger.info(
             "series %s reopened as version %d by a new instance",
